@@ -1,0 +1,125 @@
+"""The Backend protocol and the name → module table.
+
+A backend turns a :class:`~cnnrun.spec.CompiledModel` into a framework model plus optimizer (a
+:class:`Runner`), on a device. Its module is imported only when that framework is asked for, so training with
+one framework never imports another. Adding a framework: one module here implementing ``create_runner`` and
+``framework_version``, one line in ``BACKENDS``, one options class, one ``conf/framework/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Protocol, Tuple, Type
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnnrun.errors import ConfigError, UserError, did_you_mean, one_of
+from cnnrun.spec.validation import problems_from
+
+Weights = Dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """A built model with its optimizer on a device. Images arrive as (N, H, W, C) uint8, labels as int64."""
+
+    device_name: str  # what it really runs on, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed."""
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        """(mean loss, accuracy, samples) since the last call; the one place a training sync happens."""
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """Pre-softmax outputs in inference mode (dropout off, batchnorm running statistics), float32."""
+
+    def get_weights(self) -> Weights:
+        """Every tensor of the model in cnnrun's canonical layout (see :mod:`cnnrun.layout`)."""
+
+    def set_weights(self, weights: Weights) -> None:
+        """Load canonical tensors; shapes must match the compiled model's."""
+
+    def get_training_state(self) -> Weights:
+        """Optimizer slots and counters as arrays, for exact resume in the same framework."""
+
+    def set_training_state(self, state: Weights) -> None:
+        """Restore what :meth:`get_training_state` returned."""
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TorchOptions(_Options):
+    channels_last: bool = Field(default=True, description="NHWC memory format for convolutions (faster on CPU).")
+    fused_optimizer: bool = Field(default=True, description="torch.optim's fused Adam/SGD kernels.")
+    compile: bool = Field(default=False, description="torch.compile the model (off: see benchmarks/RESULTS.md).")
+
+
+class TensorFlowOptions(_Options):
+    jit_compile: bool = Field(default=False, description="XLA-compile the train step (slower on CPU here).")
+
+
+class KerasOptions(_Options):
+    backend: str = Field(default="tensorflow", description="Keras 3 backend: tensorflow or torch.")
+    jit_compile: bool = False
+
+
+class ChainerOptions(_Options):
+    cudnn: bool = Field(default=True, description="Use cuDNN on CUDA when CuPy has it.")
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    module: str
+    package: str  # the import that proves the framework is installed
+    options: Type[_Options]
+
+
+BACKENDS: Dict[str, BackendInfo] = {
+    "torch": BackendInfo("cnnrun.backends.torch", "torch", TorchOptions),
+    "tensorflow": BackendInfo("cnnrun.backends.tensorflow", "tensorflow", TensorFlowOptions),
+    "keras": BackendInfo("cnnrun.backends.keras", "keras", KerasOptions),
+    "chainer": BackendInfo("cnnrun.backends.chainer", "chainer", ChainerOptions),
+}
+
+
+def backend_info(name: str) -> BackendInfo:
+    info = BACKENDS.get(name)
+    if info is None:
+        raise UserError(f"framework={name} is unknown{did_you_mean(name, BACKENDS)}; available: {one_of(BACKENDS)}")
+    return info
+
+
+def validate_options(name: str, options: Dict[str, Any]) -> _Options:
+    """Check ``framework.*`` keys against the backend's options class, without importing the framework."""
+    info = backend_info(name)
+    try:
+        return info.options.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(problems_from(err, "framework", info.options), f"framework={name}") from None
+
+
+def load_backend(name: str):
+    """Import the backend module (and so its framework), with a clear error when the framework is missing."""
+    info = backend_info(name)
+    try:
+        return importlib.import_module(info.module)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != info.package:
+            raise
+        raise UserError(
+            f"framework={name} needs the {info.package} package, which is not installed; "
+            "install the project's locked environment (README, command 1)"
+        ) from None
+
+
+def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std) -> Runner:
+    """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use."""
+    return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std)
+
+
+def framework_version(name: str) -> str:
+    return load_backend(name).framework_version()

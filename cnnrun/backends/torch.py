@@ -1,0 +1,300 @@
+"""PyTorch backend: an ``nn.Module`` per compiled layer, NCHW (channels_last memory by default)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnrun.errors import UserError
+from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
+from cnnrun.spec import CompiledLayer, CompiledModel
+from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
+
+LAYOUT = CHANNELS_FIRST
+
+
+def framework_version() -> str:
+    return torch.__version__
+
+
+def _activation(name: str) -> nn.Module:
+    return {
+        "linear": nn.Identity,
+        "relu": nn.ReLU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "elu": lambda: nn.ELU(alpha=ELU_ALPHA),
+        "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
+    }[name]()
+
+
+def _torch_pad(pads) -> Tuple[int, int, int, int]:
+    (top, bottom), (left, right) = pads
+    return (left, right, top, bottom)
+
+
+class Conv(nn.Module):
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        spec = layer.spec
+        (top, bottom), (left, right) = layer.pads
+        symmetric = top == bottom and left == right
+        # nn.Conv2d pads symmetrically; uneven 'same' padding (TF puts the extra cell after) is applied by F.pad.
+        self.pad = None if symmetric else _torch_pad(layer.pads)
+        self.conv = nn.Conv2d(
+            layer.in_shape[0],
+            spec.filters,
+            spec.kernel,
+            stride=spec.stride,
+            padding=(top, left) if symmetric else 0,
+            bias=spec.bias,
+        )
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(self.conv(x))
+
+
+class MaxPool(nn.Module):
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size, self.stride = layer.spec.size, layer.spec.strides
+        self.pad = _torch_pad(layer.pads) if any(sum(p) for p in layer.pads) else None
+
+    def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad, value=-math.inf)  # padded cells never win the max
+        return F.max_pool2d(x, self.size, self.stride)
+
+
+class AvgPool(nn.Module):
+    """Averages real cells only: sum over zero-padded windows divided by each window's count of real cells."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size, self.stride = layer.spec.size, layer.spec.strides
+        self.pad = _torch_pad(layer.pads) if any(sum(p) for p in layer.pads) else None
+        if self.pad is not None:
+            ones = F.pad(torch.ones(1, 1, *layer.in_shape[1:]), self.pad)
+            counts = F.avg_pool2d(ones, self.size, self.stride) * (self.size[0] * self.size[1])
+            self.register_buffer("scale", (self.size[0] * self.size[1]) / counts, persistent=False)
+
+    def forward(self, x):
+        if self.pad is None:
+            return F.avg_pool2d(x, self.size, self.stride)
+        return F.avg_pool2d(F.pad(x, self.pad), self.size, self.stride) * self.scale
+
+
+class GlobalAvgPool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class Dense(nn.Module):
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.linear = nn.Linear(layer.in_shape[0], layer.spec.units, bias=layer.spec.bias)
+        self.act = _activation(layer.spec.activation)
+
+    def forward(self, x):
+        return self.act(self.linear(x))
+
+
+def _batchnorm(layer: CompiledLayer) -> nn.Module:
+    cls = nn.BatchNorm2d if len(layer.in_shape) == 3 else nn.BatchNorm1d
+    # cnnrun's momentum is Keras's (weight of the old running value); torch's is the weight of the new batch.
+    return cls(layer.in_shape[0], eps=layer.spec.epsilon, momentum=1.0 - layer.spec.momentum)
+
+
+class Residual(nn.Module):
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.body = nn.Sequential(*[build_layer(child) for child in layer.body])
+        self.shortcut = build_layer(layer.shortcut) if layer.shortcut else nn.Identity()
+        self.act = _activation(layer.spec.activation)
+
+    def forward(self, x):
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES.
+BUILDERS = {
+    "conv2d": Conv,
+    "maxpool": MaxPool,
+    "avgpool": AvgPool,
+    "global_avgpool": lambda layer: GlobalAvgPool(),
+    "flatten": lambda layer: nn.Flatten(),  # NCHW → C·H·W order, the canonical one
+    "dense": Dense,
+    "dropout": lambda layer: nn.Dropout(layer.spec.rate),
+    "batchnorm": _batchnorm,
+    "activation": lambda layer: _activation(layer.spec.fn),
+    "softmax": lambda layer: nn.Identity(),  # fused into the loss; predictions apply it
+    "residual": Residual,
+}
+
+
+def build_layer(layer: CompiledLayer) -> nn.Module:
+    return BUILDERS[layer.type](layer)
+
+
+class Network(nn.Module):
+    """The compiled model; ``modules_by_name`` maps canonical layer names to their parameter-holding modules."""
+
+    def __init__(self, model: CompiledModel):
+        super().__init__()
+        self.layers = nn.Sequential(*[build_layer(layer) for layer in model.layers])
+        self.tensors = self._index(model)
+
+    def forward(self, x):
+        return self.layers(x)
+
+    def _index(self, model: CompiledModel) -> Dict[str, torch.Tensor]:
+        """canonical tensor name → the torch parameter or buffer holding it."""
+        index: Dict[str, torch.Tensor] = {}
+
+        def visit(layers: List[CompiledLayer], modules) -> None:
+            for layer, module in zip(layers, modules):
+                if layer.type == "conv2d":
+                    index[f"{layer.name}/kernel"] = module.conv.weight
+                    if module.conv.bias is not None:
+                        index[f"{layer.name}/bias"] = module.conv.bias
+                elif layer.type == "dense":
+                    index[f"{layer.name}/kernel"] = module.linear.weight
+                    if module.linear.bias is not None:
+                        index[f"{layer.name}/bias"] = module.linear.bias
+                elif layer.type == "batchnorm":
+                    index[f"{layer.name}/gamma"] = module.weight
+                    index[f"{layer.name}/beta"] = module.bias
+                    index[f"{layer.name}/moving_mean"] = module.running_mean
+                    index[f"{layer.name}/moving_variance"] = module.running_var
+                elif layer.type == "residual":
+                    visit(layer.body, module.body)
+                    if layer.shortcut is not None:
+                        visit([layer.shortcut], [module.shortcut])
+
+        visit(model.layers, self.layers)
+        return index
+
+
+def resolve_device(device) -> torch.device:
+    """cpu / cuda / cuda:N / auto → a torch.device that really works, or a UserError that says why not."""
+    if device.kind == "cpu" or (device.kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device={device.name}: PyTorch sees no usable CUDA GPU (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda or 'none'}); use device=cpu or device=auto"
+        )
+    index = device.cuda_index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device=cuda:{index}: only {torch.cuda.device_count()} GPU(s) visible")
+    return torch.device("cuda", index)
+
+
+class TorchRunner:
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+        from cnnrun.spec.init import initial_weights
+
+        self.model = model
+        self.device = resolve_device(device)
+        if self.device.type == "cpu" and device.threads:
+            torch.set_num_threads(device.threads)
+        torch.manual_seed(seed)
+        self.net = Network(model)
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.net.to(self.device, memory_format=self.memory_format)
+        self.set_weights(initial_weights(model, seed))
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
+        self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
+        self.optimizer = _make_optimizer(self.net.parameters(), optimizer, options, self.device)
+        self.forward = torch.compile(self.net) if options.compile else self.net
+        self._zero_metrics()
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
+
+    def _zero_metrics(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._count = 0
+
+    def _inputs(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        # (N, H, W, C) uint8 viewed as NCHW: the permuted view is already channels_last in memory.
+        x = x.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) * self.inv_std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.net.train()
+        x = self._inputs(images)
+        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        logits = self.forward(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self._loss_sum += loss.detach() * len(labels)
+            self._correct += (logits.argmax(1) == y).sum()
+        self._count += len(labels)
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        count = self._count
+        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
+        self._zero_metrics()
+        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+
+    @torch.no_grad()
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        self.net.eval()
+        return self.forward(self._inputs(images)).float().cpu().numpy()
+
+    def get_weights(self) -> Dict[str, np.ndarray]:
+        native = {name: t.detach().cpu().numpy() for name, t in self.net.tensors.items()}
+        return to_canonical(self.model, native, LAYOUT)
+
+    @torch.no_grad()
+    def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
+        native = from_canonical(self.model, weights, LAYOUT)
+        for name, tensor in self.net.tensors.items():
+            tensor.copy_(torch.from_numpy(native[name]).reshape(tensor.shape))
+
+    def get_training_state(self) -> Dict[str, np.ndarray]:
+        names = {id(t): n for n, t in self.net.tensors.items()}
+        state: Dict[str, np.ndarray] = {}
+        for param, slots in self.optimizer.state.items():
+            for slot, value in slots.items():
+                state[f"{names[id(param)]}/{slot}"] = value.detach().cpu().numpy().astype(np.float32)
+        return state
+
+    @torch.no_grad()
+    def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
+        for name, param in self.net.tensors.items():
+            slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
+            if slots:
+                self.optimizer.state[param] = {
+                    slot: torch.from_numpy(value).to(self.device) for slot, value in slots.items()
+                }
+
+
+def _make_optimizer(params, cfg, options, device):
+    fused = bool(options.fused_optimizer)
+    if cfg.name == "adam":
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+        )
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=fused
+    )
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std) -> TorchRunner:
+    return TorchRunner(model, optimizer, options, device, seed, mean, std)

@@ -1,0 +1,94 @@
+"""The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cnnrun.errors import TrainingInterrupted, UserError
+
+
+def _sources() -> Dict[str, str]:
+    """Which file each chosen config group came from, for error messages ('' is the primary config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    sources: Dict[str, str] = {}
+    for group, choice in list(hc.runtime.choices.items()) + [("", hc.job.config_name)]:
+        if group.startswith("hydra") or choice is None:
+            continue
+        relative = f"{group}/{choice}.yaml" if group else f"{choice}.yaml"
+        for source in hc.runtime.config_sources:
+            if source.schema == "file" and (Path(source.path) / relative).is_file():
+                sources[group] = _pretty(Path(source.path) / relative)
+                break
+        else:
+            sources[group] = f"cnnrun's conf/{relative}"
+    return sources
+
+
+def _pretty(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_task(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    from cnnrun.context import RunContext
+    from cnnrun.tasks import TASKS
+
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"the config cannot be resolved: {str(err).splitlines()[0]}") from None
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    ctx = RunContext.create(raw, output_dir, _sources(), _overrides())
+    return importlib.import_module(TASKS[ctx.cfg.task]).run(ctx)
+
+
+def _config_dir() -> str:
+    """The shipped conf/: inside the package when installed from a wheel, beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return str(packaged if packaged.is_dir() else here.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
+def main(cfg: DictConfig):
+    try:
+        return run_task(cfg)
+    except (UserError, TrainingInterrupted) as err:
+        if os.environ.get("CNNRUN_DEBUG"):
+            raise
+        message = err.render() if isinstance(err, UserError) else f"cnnrun: {err}"
+        print(message, file=sys.stderr)
+        if _is_multirun():
+            raise  # the sweep records this job as failed and goes on
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

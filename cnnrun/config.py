@@ -1,0 +1,171 @@
+"""The run configuration as typed, validated objects.
+
+Hydra composes the YAML; these pydantic models check it, all groups at once, so a user sees every problem in
+one message with its dotted key. The ``model`` group is checked by :mod:`cnnrun.spec`; a framework's own
+options by the class its backend registers (:mod:`cnnrun.backends`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cnnrun.errors import ConfigError, Problem
+from cnnrun.spec.validation import problems_from
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(_Group):
+    name: str = Field(default="auto", description="cpu, cuda, cuda:N or auto (cuda when usable, else cpu).")
+    index: Optional[int] = Field(default=None, ge=0, description="GPU index for cuda; same as name=cuda:N.")
+    threads: Optional[int] = Field(default=None, gt=0, description="CPU threads for the framework; null = all cores.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("cpu", "cuda", "auto") or (index and (base != "cuda" or not index.isdigit())):
+            raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'auto'; received {value!r}")
+        return value
+
+    @property
+    def kind(self) -> str:
+        return self.name.partition(":")[0]
+
+    @property
+    def cuda_index(self) -> int:
+        _, _, index = self.name.partition(":")
+        return int(index) if index else (self.index or 0)
+
+
+class AugmentConfig(_Group):
+    random_crop_padding: int = Field(default=0, ge=0, description="Pad by this many pixels, then crop back at random.")
+    horizontal_flip: bool = False
+
+
+class DatasetConfig(_Group):
+    name: str
+    num_classes: int = Field(gt=1)
+    channels: int = Field(gt=0)
+    image_size: Tuple[int, int] = Field(description="[height, width] of the images the model receives.")
+    root: Optional[str] = Field(default=None, description="Where the files are (or go, for downloads).")
+    download: bool = True
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return (self.channels, *self.image_size)
+
+
+class OptimizerConfig(_Group):
+    """Every hyperparameter stated, so that each framework runs the same update (their defaults differ)."""
+
+    name: Literal["adam", "sgd"]
+    lr: float = Field(gt=0.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    eps: float = Field(default=1e-7, gt=0.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty added to the gradient.")
+
+
+class TrainerConfig(_Group):
+    epochs: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    eval_batch_size: int = Field(default=512, gt=0)
+    seed: int = 0
+    patience: Optional[int] = Field(default=3, gt=0, description="Epochs without val improvement before stopping.")
+    restore_best: bool = Field(default=True, description="Test with the best-validation weights.")
+    log_every: int = Field(default=20, gt=0, description="Steps between progress updates (each one syncs).")
+    max_time: Optional[float] = Field(default=None, gt=0, description="Seconds; stop cleanly after this long.")
+    resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
+    progress: bool = True
+
+
+class TrackingConfig(_Group):
+    enabled: bool = True
+    uri: str = Field(default="sqlite:///mlflow.db", description="Any MLflow tracking URI.")
+    experiment: str = "cnnrun"
+    run_name: Optional[str] = None
+
+
+class SummaryConfig(_Group):
+    format: Literal["table", "json"] = "table"
+
+
+class FrameworkConfig(BaseModel):
+    """``name`` picks the backend; the other keys are that backend's options, checked by its own class."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    def options(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+TASKS = ("train", "summary", "eval", "validate")
+
+
+class RunConfig(_Group):
+    task: Literal["train", "summary", "eval", "validate"] = "train"
+    model: Dict[str, Any]
+    framework: FrameworkConfig
+    device: DeviceConfig
+    dataset: DatasetConfig
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+    tracking: TrackingConfig
+    summary: SummaryConfig = SummaryConfig()
+    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate (task=eval).")
+
+
+def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:
+    """Check every group except ``model`` (see :func:`cnnrun.spec.compile_model`); raise one ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(problems_from(err, "", RunConfig), source) from None
+
+
+def flatten_for_logging(data: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
+    """Nested config → {'model.layers.0.filters': '32', ...} for MLflow params (lists indexed like Hydra)."""
+    flat: Dict[str, str] = {}
+    items: List[Tuple[str, Any]]
+    if isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+    else:
+        items = [(str(i), v) for i, v in enumerate(data)]
+    for key, value in items:
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, (dict, list, tuple)) and value and not _is_pair(value):
+            flat.update(flatten_for_logging(value if isinstance(value, dict) else list(value), full))
+        else:
+            flat[full] = str(list(value) if isinstance(value, tuple) else value)
+    return flat
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+
+
+__all__ = [
+    "AugmentConfig",
+    "DatasetConfig",
+    "DeviceConfig",
+    "FrameworkConfig",
+    "OptimizerConfig",
+    "Problem",
+    "RunConfig",
+    "SummaryConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "validate_run_config",
+]

@@ -1,0 +1,125 @@
+"""Datasets as uint8 arrays in memory, split into train/val/test.
+
+Every dataset module exposes ``load(cfg: DatasetConfig) -> Dataset``; ``DATASETS`` maps the ``dataset.name``
+of a config to that module, imported only when used. Images are (N, H, W, C) uint8, labels (N,) int64;
+normalisation happens per batch on the device, with the train split's per-channel mean and std.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+from cnnrun.errors import UserError, did_you_mean, one_of
+
+DATASETS: Dict[str, str] = {
+    "mnist_5k": "cnnrun.data.mnist_5k",
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be (N, H, W, C) uint8, got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    class_names: Tuple[str, ...]
+    source: str  # where the data came from: a path, a URL or a package
+    mean: Tuple[float, ...] = field(default=())  # per channel, 0..255 scale, from the train split
+    std: Tuple[float, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.mean:
+            mean, std = channel_stats(self.train.images)
+            object.__setattr__(self, "mean", mean)
+            object.__setattr__(self, "std", std)
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W): what the model compiler expects."""
+        _, h, w, c = self.train.images.shape
+        return (c, h, w)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def digest(self) -> str:
+        """A short content hash of all splits, for MLflow's dataset tracking and reproducibility."""
+        h = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            h.update(np.ascontiguousarray(split.images).data)
+            h.update(np.ascontiguousarray(split.labels).data)
+        return h.hexdigest()[:16]
+
+    def split_sizes(self) -> Dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, computed in chunks so large sets need no float copy."""
+    c = images.shape[-1]
+    total = np.zeros(c)
+    total_sq = np.zeros(c)
+    count = 0
+    for start in range(0, len(images), 8192):
+        chunk = images[start : start + 8192].reshape(-1, c).astype(np.float64)
+        total += chunk.sum(0)
+        total_sq += (chunk**2).sum(0)
+        count += len(chunk)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Sequence[float], seed: int
+) -> Tuple[np.ndarray, ...]:
+    """Indices for len(fractions)+1 parts, each class divided in the same proportions, the same for a seed.
+
+    ``fractions`` are the sizes of the trailing parts (e.g. val, test); the first part takes the rest.
+    """
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        start = len(idx)
+        for p, frac in reversed(list(enumerate(fractions, start=1))):
+            n = int(round(frac * len(idx)))
+            parts[p].append(idx[start - n : start])
+            start -= n
+        parts[0].append(idx[:start])
+    return tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+
+
+def load_dataset(cfg) -> Dataset:
+    """Load the dataset a validated ``DatasetConfig`` names."""
+    module_name = DATASETS.get(cfg.name)
+    if module_name is None:
+        raise UserError(f"dataset={cfg.name} is unknown{did_you_mean(cfg.name, DATASETS)}; available: {one_of(DATASETS)}")
+    dataset = importlib.import_module(module_name).load(cfg)
+    if dataset.num_classes != cfg.num_classes:
+        raise UserError(
+            f"dataset.num_classes is {cfg.num_classes} but {cfg.name} has {dataset.num_classes} classes"
+        )
+    return dataset

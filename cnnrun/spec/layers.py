@@ -1,0 +1,276 @@
+"""Typed layer specs: their fields, checks, output shapes and weight shapes.
+
+``LAYER_TYPES`` maps each YAML ``type`` to its spec class. Adding a layer type means one class here (fields,
+``output_shape``, ``weight_shapes``) and one builder per backend; ``tests/backends`` fails for a forgotten builder.
+
+Shapes are per image, channels first: ``(C, H, W)`` for feature maps, ``(F,)`` for vectors. Weight shapes are in
+cnnrun's canonical layout: conv kernels OIHW, dense kernels (out, in), a flattened vector in C·H·W order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cnnrun.errors import did_you_mean, one_of
+from cnnrun.spec.shapes import output_size
+
+Shape = Tuple[int, ...]
+Pair = Tuple[int, int]
+ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "elu", "leaky_relu")
+LEAKY_RELU_SLOPE = 0.2  # tf.nn.leaky_relu's default; every backend uses this one value
+ELU_ALPHA = 1.0
+
+
+class ShapeProblem(ValueError):
+    """A layer cannot take the shape it is given; the compiler adds which layer and the shapes so far."""
+
+
+def _pair(value: Any, what: str, minimum: int) -> Pair:
+    """int-or-[h, w] → (h, w), checked once here so backends only ever see pairs."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    ok = len(items) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in items)
+    if not ok:
+        raise ValueError(f"expected an int >= {minimum} or [h, w] of such ints for {what}; received {value!r}")
+    return (items[0], items[1])
+
+
+def _padding(value: Any) -> Union[str, Pair]:
+    if value in ("valid", "same"):
+        return value
+    try:
+        return _pair(value, "padding", 0)
+    except ValueError:
+        hint = did_you_mean(value, ("valid", "same")) if isinstance(value, str) else ""
+        raise ValueError(f"expected 'valid', 'same', an int >= 0 or [h, w]; received {value!r}{hint}") from None
+
+
+def _activation(value: Any) -> str:
+    if value is None:
+        return "linear"
+    if value not in ACTIVATIONS:
+        raise ValueError(f"expected {one_of(ACTIVATIONS)}; received {value!r}{did_you_mean(value, ACTIVATIONS)}")
+    return value
+
+
+def _require_3d(in_shape: Shape, kind: str) -> None:
+    if len(in_shape) != 3:
+        raise ShapeProblem(f"needs a C×H×W feature map; received a vector of {in_shape[0]} features")
+
+
+class LayerSpec(BaseModel):
+    """Fields and rules every layer shares."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Optional[str] = Field(default=None, description="Optional readable name; defaults to <type>_<index>.")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return in_shape
+
+    def weight_shapes(self, in_shape: Shape) -> Dict[str, Shape]:
+        """Trainable tensors, canonical layout."""
+        return {}
+
+    def state_shapes(self, in_shape: Shape) -> Dict[str, Shape]:
+        """Non-trainable tensors that a checkpoint carries (batchnorm running statistics)."""
+        return {}
+
+    def flops(self, in_shape: Shape, out_shape: Shape) -> int:
+        return _numel(out_shape)
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Window(LayerSpec):
+    """A sliding window with kernel, stride and padding (conv2d and the poolings)."""
+
+    padding: Union[str, Pair] = "valid"
+
+    _check_padding = field_validator("padding", mode="before")(lambda cls, v: _padding(v))
+
+    def _window(self) -> Tuple[Pair, Pair]:
+        raise NotImplementedError
+
+    def spatial_output(self, in_shape: Shape) -> Pair:
+        (kh, kw), (sh, sw) = self._window()
+        ph, pw = (self.padding, self.padding) if isinstance(self.padding, str) else self.padding
+        return (output_size(in_shape[1], kh, sh, ph), output_size(in_shape[2], kw, sw, pw))
+
+
+class Conv2D(_Window):
+    type: Literal["conv2d"] = "conv2d"
+    filters: int = Field(gt=0, description="Output channels.")
+    kernel: Pair = Field(description="Kernel size: int or [h, w].")
+    stride: Pair = (1, 1)
+    activation: str = "linear"
+    bias: bool = True
+
+    _check_kernel = field_validator("kernel", mode="before")(lambda cls, v: _pair(v, "kernel", 1))
+    _check_stride = field_validator("stride", mode="before")(lambda cls, v: _pair(v, "stride", 1))
+    _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
+
+    def _window(self):
+        return self.kernel, self.stride
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, "conv2d")
+        return (self.filters, *self.spatial_output(in_shape))
+
+    def weight_shapes(self, in_shape):
+        shapes = {"kernel": (self.filters, in_shape[0], *self.kernel)}
+        if self.bias:
+            shapes["bias"] = (self.filters,)
+        return shapes
+
+    def flops(self, in_shape, out_shape):
+        return 2 * in_shape[0] * self.kernel[0] * self.kernel[1] * _numel(out_shape)
+
+
+class _Pool(_Window):
+    size: Pair = Field(description="Window size: int or [h, w].")
+    stride: Optional[Pair] = Field(default=None, description="Defaults to size.")
+
+    _check_size = field_validator("size", mode="before")(lambda cls, v: _pair(v, "size", 1))
+    _check_stride = field_validator("stride", mode="before")(
+        lambda cls, v: None if v is None else _pair(v, "stride", 1)
+    )
+
+    @property
+    def strides(self) -> Pair:
+        return self.stride or self.size
+
+    def _window(self):
+        return self.size, self.strides
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, self.type)
+        return (in_shape[0], *self.spatial_output(in_shape))
+
+    def flops(self, in_shape, out_shape):
+        return self.size[0] * self.size[1] * _numel(out_shape)
+
+
+class MaxPool(_Pool):
+    """Max pooling; padded cells count as -inf."""
+
+    type: Literal["maxpool"] = "maxpool"
+
+
+class AvgPool(_Pool):
+    """Average pooling over the real cells of each window only: padding never counts."""
+
+    type: Literal["avgpool"] = "avgpool"
+
+
+class GlobalAvgPool(LayerSpec):
+    type: Literal["global_avgpool"] = "global_avgpool"
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, "global_avgpool")
+        return (in_shape[0],)
+
+    def flops(self, in_shape, out_shape):
+        return _numel(in_shape)
+
+
+class Flatten(LayerSpec):
+    """C×H×W → C·H·W features, in channels-first order in every framework."""
+
+    type: Literal["flatten"] = "flatten"
+
+    def output_shape(self, in_shape):
+        return (_numel(in_shape),)
+
+    def flops(self, in_shape, out_shape):
+        return 0
+
+
+class Dense(LayerSpec):
+    type: Literal["dense"] = "dense"
+    units: int = Field(gt=0)
+    activation: str = "linear"
+    bias: bool = True
+
+    _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
+
+    def output_shape(self, in_shape):
+        if len(in_shape) != 1:
+            raise ShapeProblem(
+                f"needs a vector but receives a {'×'.join(map(str, in_shape))} feature map; "
+                "add {type: flatten} or {type: global_avgpool} before it"
+            )
+        return (self.units,)
+
+    def weight_shapes(self, in_shape):
+        shapes = {"kernel": (self.units, in_shape[0])}
+        if self.bias:
+            shapes["bias"] = (self.units,)
+        return shapes
+
+    def flops(self, in_shape, out_shape):
+        return 2 * in_shape[0] * self.units
+
+
+class Dropout(LayerSpec):
+    type: Literal["dropout"] = "dropout"
+    rate: float = Field(ge=0.0, lt=1.0, description="Fraction of units dropped while training.")
+
+
+class BatchNorm(LayerSpec):
+    """Batch normalisation over channels (feature maps) or features (vectors).
+
+    ``momentum`` follows Keras: running = momentum·running + (1 - momentum)·batch.
+    """
+
+    type: Literal["batchnorm"] = "batchnorm"
+    momentum: float = Field(default=0.99, gt=0.0, lt=1.0)
+    epsilon: float = Field(default=1e-3, gt=0.0)
+
+    def weight_shapes(self, in_shape):
+        return {"gamma": (in_shape[0],), "beta": (in_shape[0],)}
+
+    def state_shapes(self, in_shape):
+        return {"moving_mean": (in_shape[0],), "moving_variance": (in_shape[0],)}
+
+
+class Activation(LayerSpec):
+    type: Literal["activation"] = "activation"
+    fn: str = Field(description="relu, tanh, sigmoid, elu, leaky_relu or linear.")
+
+    _check_fn = field_validator("fn", mode="before")(lambda cls, v: _activation(v))
+
+
+class Softmax(LayerSpec):
+    """Class probabilities; must be the last layer. Training fuses it into the cross-entropy loss."""
+
+    type: Literal["softmax"] = "softmax"
+
+
+class Residual(LayerSpec):
+    """``activation(body(x) + shortcut(x))``; the shortcut is a 1×1 strided conv when the shape changes."""
+
+    type: Literal["residual"] = "residual"
+    layers: List["AnyLayer"] = Field(min_length=1)
+    activation: str = "linear"
+
+    _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
+
+
+AnyLayer = Annotated[
+    Union[Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual],
+    Field(discriminator="type"),
+]
+Residual.model_rebuild()
+
+LAYER_TYPES: Dict[str, type] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
+}
+# Layers allowed inside a residual body: they work on feature maps, so the sum with the shortcut is defined.
+RESIDUAL_BODY_TYPES = ("conv2d", "maxpool", "avgpool", "batchnorm", "activation", "dropout", "residual")

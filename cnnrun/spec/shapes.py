@@ -1,0 +1,40 @@
+"""Padding and output-size arithmetic, with TensorFlow's definitions, shared by every backend.
+
+All sizes are per spatial axis. ``padding`` is already resolved: ``'valid'``, ``'same'`` or a non-negative int.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple, Union
+
+Padding = Union[str, int]
+
+
+def output_size(n: int, kernel: int, stride: int, padding: Padding) -> int:
+    """Output length of a sliding window (convolution or pooling) over ``n`` cells.
+
+    ``valid``: floor((n - k) / s) + 1; ``same``: ceil(n / s); int p: floor((n + 2p - k) / s) + 1.
+    The result may be <= 0: the caller turns that into an error naming the layer.
+    """
+    if padding == "same":
+        return math.ceil(n / stride)
+    pad = 0 if padding == "valid" else int(padding)
+    if n + 2 * pad < kernel:
+        return 0
+    return (n + 2 * pad - kernel) // stride + 1
+
+
+def pad_amounts(n: int, kernel: int, stride: int, padding: Padding) -> Tuple[int, int]:
+    """Zero cells added (before, after) one axis so that a plain 'valid' window gives ``output_size``.
+
+    For ``same`` the total is max((out - 1)·s + k - n, 0) with the smaller half before (top/left), as in
+    TensorFlow; PyTorch and Chainer pad symmetrically, so their backends pad explicitly with these numbers.
+    """
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        out = math.ceil(n / stride)
+        total = max((out - 1) * stride + kernel - n, 0)
+        return (total // 2, total - total // 2)
+    return (int(padding), int(padding))

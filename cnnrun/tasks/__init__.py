@@ -1,0 +1,8 @@
+"""The tasks a run can perform (``task=...``): train, summary, eval, validate. Each is one module."""
+
+TASKS = {
+    "train": "cnnrun.tasks.train",
+    "summary": "cnnrun.tasks.summary",
+    "eval": "cnnrun.tasks.evaluate",
+    "validate": "cnnrun.tasks.validate",
+}

@@ -1,0 +1,102 @@
+"""task=train: data → backend → shared trainer → test evaluation, all recorded in one MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from cnnrun import checkpoint as ckpt_io
+from cnnrun.backends import load_backend
+from cnnrun.config import flatten_for_logging
+from cnnrun.errors import TrainingInterrupted
+from cnnrun.plots import learning_curve
+from cnnrun.progress import ProgressView, console
+from cnnrun.summary import summary_json, summary_text
+from cnnrun.tasks.common import load_data, make_checkpoint, report_test, run_name, run_tags, write_text
+from cnnrun.trainer import Trainer, TrainState
+from cnnrun.tracking import start_run
+
+
+def run(ctx) -> float:
+    """Train; return the objective for sweeps (best validation accuracy)."""
+    cfg = ctx.cfg
+    dataset = load_data(ctx)
+    backend = load_backend(cfg.framework.name)
+    runner = backend.create_runner(
+        ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std
+    )
+    version = backend.framework_version()
+    logger = start_run(cfg.tracking, run_name(ctx, runner), run_tags(ctx, runner, version, "train"))
+    status, error = "FAILED", None
+    try:
+        objective = _train(ctx, runner, dataset, logger, version)
+        status = "FINISHED"
+        return objective
+    except TrainingInterrupted as err:
+        status, error = "KILLED", str(err)
+        raise
+    except BaseException as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        logger.end(status, error)
+
+
+def _train(ctx, runner, dataset, logger, version: str) -> float:
+    cfg, out = ctx.cfg, ctx.output_dir
+    checkpoints = out / "checkpoints"
+    logger.log_params(flatten_for_logging(_loggable(ctx.raw)))
+    logger.log_dataset(dataset)
+    logger.log_artifact(write_text(out / "config.yaml", yaml.safe_dump(ctx.raw, sort_keys=False)))
+    logger.log_artifact(write_text(out / "summary.txt", summary_text(ctx.compiled)))
+    logger.log_artifact(write_text(out / "summary.json", summary_json(ctx.compiled)))
+    origin = {
+        "framework": cfg.framework.name,
+        "framework_version": version,
+        "device": runner.device_name,
+        "run_id": logger.run_id,
+        "dataset": dataset.name,
+        "model": ctx.compiled.name,
+    }
+
+    def save(kind: str, state: TrainState) -> None:
+        ckpt = make_checkpoint(ctx, runner, dataset, origin, state.to_dict(), training_state=(kind == "last"))
+        ckpt_io.save(checkpoints / f"{kind}.safetensors", ckpt)
+
+    console.print(
+        f"[bold]{ctx.compiled.name}[/] on {dataset.name} ({len(dataset.train):,} train images) with "
+        f"{cfg.framework.name} {version} on {runner.device_name}; run {logger.run_id or '(not tracked)'}"
+    )
+    view = ProgressView(cfg.trainer.progress, cfg.trainer.epochs)
+    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save)
+    try:
+        state = trainer.fit(TrainState(), augment=cfg.dataset.augment)
+    finally:
+        view.close()
+    if cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists():
+        runner.set_weights(ckpt_io.load(checkpoints / "best.safetensors").weights)
+    title = f"{ctx.compiled.name} / {cfg.framework.name}"
+    test = report_test(ctx, runner, dataset, logger, title)
+    best_val_acc = max(row["val_acc"] for row in state.history)
+    logger.log_metrics({"best_val_acc": best_val_acc, "best_epoch": state.best_epoch + 1})
+    final = ckpt_io.save(
+        out / "model.safetensors",
+        make_checkpoint(ctx, runner, dataset, origin, state.to_dict(), training_state=False),
+    )
+    logger.log_artifact(final)
+    logger.log_artifact(learning_curve(state.history, out / "learning_curve.png", title))
+    console.print(
+        f"test accuracy [bold]{test['test_acc']:.4f}[/] (loss {test['test_loss']:.4f}); "
+        f"checkpoint {final}; outputs in {out}"
+    )
+    return best_val_acc
+
+
+def _loggable(raw):
+    """The config as logged: residual bodies compacted to one JSON param each, so resnets stay a few dozen keys."""
+    data = json.loads(json.dumps(raw, default=str))
+    for layer in data.get("model", {}).get("layers", []):
+        if isinstance(layer, dict) and isinstance(layer.get("layers"), list):
+            layer["layers"] = json.dumps(layer["layers"], separators=(",", ":"))
+    return data

@@ -1,0 +1,207 @@
+"""One training loop for every framework.
+
+The loop sees a :class:`~cnnrun.backends.Runner` and NumPy batches only. It syncs with the device every
+``trainer.log_every`` steps (to show live metrics and catch divergence), never every step. It checkpoints after
+each epoch, stops early on a plateau of validation loss, and on Ctrl-C, SIGTERM or ``trainer.max_time`` it
+finishes the current step, saves its full state and raises :class:`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from cnnrun.data import Dataset, Split
+from cnnrun.data.pipeline import epoch_order, iterate_batches
+from cnnrun.errors import TrainingInterrupted, UserError
+from cnnrun.metrics import summarise
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochRow:
+    epoch: int  # 0-based
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly where it stopped (stored in checkpoints)."""
+
+    epoch: int = 0  # the epoch in progress (or next to start)
+    batch: int = 0  # batches of that epoch already done
+    loss_sum: float = 0.0  # of the epoch in progress, for its exact mean on resume
+    correct: int = 0
+    count: int = 0
+    seconds: float = 0.0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: List[Dict] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict) -> "TrainState":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM and a time budget into a flag the loop checks between steps."""
+
+    def __init__(self, max_time: Optional[float]):
+        self.deadline = time.monotonic() + max_time if max_time else None
+        self.reason: Optional[str] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a parallel sweep worker): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = "trainer.max_time"
+        return self.reason is not None
+
+
+def evaluate(runner, split: Split, batch_size: int):
+    """(loss, accuracy, predictions) of the runner in inference mode over a whole split."""
+    batches = ((runner.predict_logits(x), y) for x, y in iterate_batches(split, batch_size))
+    return summarise(batches)
+
+
+class Trainer:
+    def __init__(
+        self,
+        runner,
+        dataset: Dataset,
+        cfg,
+        logger,
+        view,
+        save_checkpoint: Callable[[str, TrainState], None],
+    ):
+        self.runner = runner
+        self.dataset = dataset
+        self.cfg = cfg
+        self.logger = logger
+        self.view = view
+        self.save_checkpoint = save_checkpoint  # (kind: "last" | "best", state) → writes atomically
+
+    def fit(self, state: Optional[TrainState] = None, augment=None) -> TrainState:
+        state = state or TrainState()
+        with StopSignal(self.cfg.max_time) as stop:
+            while state.epoch < self.cfg.epochs and not state.stopped_early:
+                row = self._train_epoch(state, stop, augment)
+                self._end_epoch(state, row)
+        return state
+
+    def _train_epoch(self, state: TrainState, stop: StopSignal, augment) -> EpochRow:
+        cfg, train = self.cfg, self.dataset.train
+        epoch = state.epoch
+        steps = math.ceil(len(train) / cfg.batch_size)
+        order = epoch_order(len(train), cfg.seed, epoch)
+        use_augment = augment is not None and (augment.random_crop_padding or augment.horizontal_flip)
+        rng = np.random.default_rng([cfg.seed, epoch, 1]) if use_augment else None
+        self.view.start_epoch(epoch, steps, state.batch)
+        started = time.perf_counter()
+        since_sync = 0
+        batches = iterate_batches(train, cfg.batch_size, order, augment if use_augment else None, rng, state.batch)
+        for images, labels in batches:
+            self.runner.train_step(images, labels)
+            state.batch += 1
+            since_sync += 1
+            if since_sync == cfg.log_every or state.batch == steps or stop.requested:
+                self._sync(state, started, since_sync)
+                since_sync = 0
+            if stop.requested and state.batch < steps:
+                state.seconds += time.perf_counter() - started
+                self.save_checkpoint("last", state)
+                raise TrainingInterrupted(
+                    f"stopped by {stop.reason} in epoch {epoch + 1} after step {state.batch}/{steps}; "
+                    "state saved"
+                )
+        state.seconds += time.perf_counter() - started
+        val_loss, val_acc, _ = evaluate(self.runner, self.dataset.val, cfg.eval_batch_size)
+        row = EpochRow(
+            epoch=epoch,
+            train_loss=state.loss_sum / state.count,
+            train_acc=state.correct / state.count,
+            val_loss=val_loss,
+            val_acc=val_acc,
+            seconds=state.seconds,
+            images_per_s=state.count / state.seconds if state.seconds else float("nan"),
+        )
+        if stop.requested:  # interrupted on the epoch's last step: finish the epoch's bookkeeping first
+            self._end_epoch(state, row)
+            raise TrainingInterrupted(f"stopped by {stop.reason} at the end of epoch {epoch + 1}; state saved")
+        return row
+
+    def _sync(self, state: TrainState, started: float, steps: int) -> None:
+        loss, acc, count = self.runner.train_metrics()
+        if not math.isfinite(loss):
+            raise Diverged(
+                f"training diverged: the loss became {loss} in epoch {state.epoch + 1}, within steps "
+                f"{state.batch - steps + 1}-{state.batch}; the last good checkpoint is kept. "
+                "Try a smaller optimizer.lr (or batchnorm, or gradient-friendlier activations)"
+            )
+        state.loss_sum += loss * count
+        state.correct += round(acc * count)
+        state.count += count
+        elapsed = state.seconds + time.perf_counter() - started
+        self.view.update(state.batch, state.loss_sum / state.count, state.correct / state.count, state.count / elapsed)
+
+    def _end_epoch(self, state: TrainState, row: EpochRow) -> None:
+        self.view.end_epoch(row)
+        state.history.append(asdict(row))
+        self.logger.log_metrics(
+            {
+                "train_loss": row.train_loss,
+                "train_acc": row.train_acc,
+                "val_loss": row.val_loss,
+                "val_acc": row.val_acc,
+                "epoch_seconds": row.seconds,
+                "images_per_s": row.images_per_s,
+            },
+            step=row.epoch + 1,
+        )
+        improved = row.val_loss < state.best_val_loss
+        if improved:
+            state.best_val_loss, state.best_epoch, state.bad_epochs = row.val_loss, row.epoch, 0
+        else:
+            state.bad_epochs += 1
+        patience = self.cfg.patience
+        state.stopped_early = patience is not None and state.bad_epochs >= patience
+        state.epoch += 1
+        state.batch, state.loss_sum, state.correct, state.count, state.seconds = 0, 0.0, 0, 0, 0.0
+        if improved:
+            self.save_checkpoint("best", state)
+        self.save_checkpoint("last", state)
