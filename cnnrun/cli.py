@@ -77,7 +77,7 @@ def _config_dir() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
-def main(cfg: DictConfig):
+def _hydra_main(cfg: DictConfig):
     try:
         return run_task(cfg)
     except (UserError, TrainingInterrupted) as err:
@@ -88,6 +88,14 @@ def main(cfg: DictConfig):
         if _is_multirun():
             raise  # the sweep records this job as failed and goes on
         sys.exit(err.exit_code)
+
+
+def main():
+    """Console entry point: Hydra's app with cnnrun's error reporting."""
+    from cnnrun import hydra_errors
+
+    hydra_errors.install()
+    return _hydra_main()
 
 
 if __name__ == "__main__":

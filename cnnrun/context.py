@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-from cnnrun.config import RunConfig, validate_run_config
+from pydantic import ValidationError
+
+from cnnrun.config import DatasetConfig, RunConfig, validate_run_config
+from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec import CompiledModel, compile_model
 
 
@@ -19,24 +22,35 @@ class RunContext:
     output_dir: Path
     model_source: str = "model"  # e.g. "conf/model/classic_cnn.yaml", for error messages
     overrides: List[str] = field(default_factory=list)
-    _compiled: CompiledModel = None
+    compiled: CompiledModel = None
 
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
-        cfg = validate_run_config(raw, sources.get("", "the config"))
+        """Validate everything (config groups, framework options, the model spec) before anything loads."""
         from cnnrun.backends import validate_options
 
-        validate_options(cfg.framework.name, cfg.framework.options())
-        ctx = cls(cfg, raw, output_dir, sources.get("model", "model"), overrides)
-        ctx.compiled  # validate the spec now, before any data or framework loads
-        return ctx
-
-    @property
-    def compiled(self) -> CompiledModel:
-        if self._compiled is None:
-            ds = self.cfg.dataset
-            self._compiled = compile_model(self.cfg.model, ds.input_shape, ds.num_classes, self.model_source)
-        return self._compiled
+        problems: List[Problem] = []
+        model_source = sources.get("model", "model")
+        cfg = None
+        try:
+            cfg = validate_run_config(raw, "the config")
+            validate_options(cfg.framework.name, cfg.framework.options())
+        except ConfigError as err:
+            problems += err.problems
+        try:  # the spec too, so that one message lists every problem
+            dataset = cfg.dataset if cfg else DatasetConfig.model_validate(raw.get("dataset"))
+            compiled = compile_model(raw.get("model"), dataset.input_shape, dataset.num_classes, model_source)
+        except ConfigError as err:
+            problems += err.problems
+        except ValidationError:
+            compiled = None  # the dataset group is invalid: already reported above
+        if problems:
+            only_model = all(p.key.startswith("model.") for p in problems)
+            header = model_source if only_model else "the config"
+            located = [_locate(p, sources, overrides) for p in problems]
+            located = [Problem(p.key, p.message, "" if p.where == header else p.where) for p in located]
+            raise ConfigError(located, header)
+        return cls(cfg, raw, output_dir, model_source, overrides, compiled)
 
     @property
     def framework_options(self):
@@ -48,3 +62,17 @@ class RunContext:
         """Identifies a resolved config (without tracking/output settings): used to skip finished sweep jobs."""
         relevant = {k: v for k, v in self.raw.items() if k not in ("tracking",)}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:
+    """Say where a bad value came from: the command-line override that set it, else its group's file."""
+    dotted = problem.key.replace("[", ".").replace("]", "")
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in sources:  # a group choice (model=my_net): the file below says more
+            continue
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return Problem(problem.key, problem.message, f"command line: {override}")
+    group = dotted.split(".", 1)[0]
+    where = sources.get(group, "")
+    return Problem(problem.key, problem.message, where if group else "")

@@ -26,9 +26,11 @@ class Problem:
 
     key: str
     message: str
+    where: str = ""  # the file or command-line override the value came from, when known
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.message}" if self.key else self.message
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        return f"{text}  [{self.where}]" if self.where else text
 
 
 class ConfigError(UserError):

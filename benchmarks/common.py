@@ -1,0 +1,83 @@
+"""Shared by the benchmarks: the bundled data, alternating rounds, medians and the printed table."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+from typing import Callable, Dict, List
+
+import numpy as np
+
+
+def mnist_5k():
+    from cnnrun.data import load_dataset
+
+    return load_dataset(SimpleNamespace(name="mnist_5k", val_fraction=0.1, test_fraction=0.2, split_seed=0,
+                                        num_classes=10))
+
+
+def cnnrun_epoch_fn(framework: str, options, dataset, batch_size: int = 128, threads=None) -> Callable[[], float]:
+    """One epoch of cnnrun's real training path (runner + shared Trainer); returns images/s of that epoch."""
+    from cnnrun.backends import create_runner
+    from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
+    from cnnrun.progress import ProgressView
+    from cnnrun.spec import compile_model
+    from cnnrun.tracking import NullLogger
+    from cnnrun.trainer import Trainer, TrainState
+    from tests.helpers import shipped_model
+
+    model = compile_model(shipped_model("classic_cnn"), dataset.input_shape, 10)
+    runner = create_runner(framework, model, OptimizerConfig(name="adam", lr=1e-3), options,
+                           DeviceConfig(name="cpu", threads=threads), 0, dataset.mean, dataset.std)
+    state = TrainState()
+    cfg = TrainerConfig(epochs=10**6, batch_size=batch_size, patience=None, progress=False)
+    trainer = Trainer(runner, dataset, cfg, NullLogger(), ProgressView(False, 1), lambda kind, s: None)
+
+    def epoch() -> float:
+        target = state.epoch + 1
+        trainer.cfg = cfg.model_copy(update={"epochs": target})
+        trainer.fit(state)
+        return state.history[-1]["images_per_s"]
+
+    return epoch
+
+
+def alternate(variants: Dict[str, Callable[[], float]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Run every variant once per round, in turn, so machine noise hits them alike; return images/s lists."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    results: Dict[str, List[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            results[name].append(fn())
+    return results
+
+
+def report(title: str, results: Dict[str, List[float]], baseline: str, subject: str) -> None:
+    print(f"\n{title}  ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{_cores()} cores)")
+    print(f"{'variant':44s} {'median img/s':>13s} {'runs':>30s}")
+    for name, values in results.items():
+        runs = " ".join(f"{v:,.0f}" for v in values)
+        print(f"{name:44s} {statistics.median(values):13,.0f} {runs:>30s}")
+    ratio = statistics.median(results[subject]) / statistics.median(results[baseline])
+    print(f"ratio {subject} / {baseline}: {ratio:.3f}")
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def images_per_second(step: Callable[[np.ndarray], None], batches, sync: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    n = 0
+    for batch in batches:
+        step(batch)
+        n += len(batch[1])
+    sync()
+    return n / (time.perf_counter() - start)

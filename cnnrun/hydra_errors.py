@@ -1,0 +1,74 @@
+"""Config-composition errors as one short message, not Hydra's traceback.
+
+Hydra composes the config before cnnrun's task function runs, so a YAML syntax error in a user's model file or a
+bad override is raised inside Hydra. Hydra's reporter prints a full traceback for some of these; this wraps it so
+that such user mistakes print ``cnnrun: <what, where>`` and exit 2. Anything else keeps Hydra's reporting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Optional
+
+
+def describe(error: BaseException) -> Optional[str]:
+    """A one-paragraph description of a user-caused composition error, or None for anything else."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    chain = []
+    current: Optional[BaseException] = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for exc in chain:
+        if isinstance(exc, yaml.MarkedYAMLError):
+            mark = exc.problem_mark or exc.context_mark
+            where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a YAML file"
+            what = exc.problem or exc.context or "invalid YAML"
+            hint = ""
+            if mark is not None and "${" in _line(mark.name, mark.line):
+                hint = '; quote interpolations inside {...} mappings, e.g. {type: dense, units: "${dataset.num_classes}"}'
+            return f"YAML syntax error in {where}: {what}{hint}"
+    if isinstance(error, (HydraException, OmegaConfBaseException)):
+        text = str(error).strip()
+        cause = error.__cause__
+        if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
+            text += "\n" + str(cause).strip()
+        return text
+    return None
+
+
+def _line(path: str, index: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read().splitlines()[index]
+    except (OSError, IndexError):
+        return ""
+
+
+def install() -> None:
+    """Wrap Hydra's reporter (hydra-core 1.3's internal ``run_and_report``) once per process."""
+    from hydra._internal import utils
+
+    if getattr(utils.run_and_report, "_cnnrun", False):
+        return
+    original: Callable[[Callable[[], Any]], Any] = utils.run_and_report
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except Exception as err:
+                message = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(err)
+                if message is None:
+                    raise
+                print(f"cnnrun: {message}", file=sys.stderr)
+                sys.exit(2)
+
+        return original(guarded)
+
+    run_and_report._cnnrun = True
+    utils.run_and_report = run_and_report

@@ -1,0 +1,46 @@
+"""Helpers the tests share: the CLI as a subprocess, shipped model specs, reading MLflow runs back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CNNRUN = [sys.executable, "-m", "cnnrun"]
+
+
+def shipped_model(name: str, num_classes: int = 10) -> Dict:
+    """A conf/model/*.yaml as plain data, with ${dataset.num_classes} resolved."""
+    data = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+    for layer in data["layers"]:
+        if layer.get("units") == "${dataset.num_classes}":
+            layer["units"] = num_classes
+    return data
+
+
+def shipped_models() -> List[str]:
+    return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def run_cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, timeout: int = 600):
+    """Run `cnnrun ARGS` in a fresh process, as a user would; returns the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.pop("CNNRUN_DEBUG", None)
+    full_env.update(env or {})
+    return subprocess.run(CNNRUN + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_runs(uri: str, experiment: str = "cnnrun"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])

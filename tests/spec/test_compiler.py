@@ -1,0 +1,125 @@
+import pytest
+
+from cnnrun.errors import ConfigError
+from cnnrun.spec import LAYER_TYPES, compile_model
+from tests.helpers import shipped_model, shipped_models
+
+
+def compile_layers(layers, input_shape=(1, 28, 28), classes=10):
+    return compile_model({"name": "t", "layers": layers}, input_shape, classes, "t.yaml")
+
+
+def problems(layers, input_shape=(1, 28, 28), classes=10):
+    with pytest.raises(ConfigError) as err:
+        compile_layers(layers, input_shape, classes)
+    return [str(p) for p in err.value.problems]
+
+
+@pytest.mark.parametrize("name", shipped_models())
+@pytest.mark.parametrize("input_shape", [(1, 28, 28), (3, 32, 32)])
+def test_shipped_models_compile_for_mnist_and_cifar_shapes(name, input_shape):
+    model = compile_model(shipped_model(name), input_shape, 10)
+    assert model.output_shape == (10,)
+    assert model.params > 0 and model.flops > 0
+
+
+def test_classic_cnn_numbers():
+    model = compile_model(shipped_model("classic_cnn"), (1, 28, 28), 10)
+    shapes = [layer.out_shape for layer in model.layers]
+    assert shapes == [(32, 28, 28), (32, 14, 14), (64, 14, 14), (64, 7, 7), (3136,), (1024,), (10,), (10,)]
+    assert model.params == 832 + 51264 + 3136 * 1024 + 1024 + 10250
+    assert model.layers[5].flattened_from == (64, 7, 7)
+
+
+def test_resnet_lite_has_projection_shortcuts_where_shape_changes():
+    model = compile_model(shipped_model("resnet_lite"), (1, 28, 28), 10)
+    residuals = [layer for layer in model.layers if layer.type == "residual"]
+    assert [r.shortcut is not None for r in residuals] == [False, False, True, False, True, False]
+    shortcut = residuals[2].shortcut
+    assert shortcut.spec.stride == (2, 2) and shortcut.spec.kernel == (1, 1)
+    assert shortcut.out_shape == residuals[2].out_shape == (32, 14, 14)
+
+
+def test_uneven_same_padding_goes_after():
+    model = compile_layers([{"type": "conv2d", "filters": 2, "kernel": 4, "stride": 2, "padding": "same"},
+                            {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 28, 27))
+    # H=28: total pad 2 → (1, 1); W=27: total 3 → the extra cell goes after (right)
+    assert model.layers[0].pads == ((1, 1), (1, 2))
+    assert model.layers[0].out_shape == (2, 14, 14)
+
+
+def test_every_problem_is_reported_at_once_with_its_key():
+    found = problems([
+        {"type": "conv", "filters": 3},
+        {"type": "conv2d", "filter": 3, "kernel": 3, "padding": "smae"},
+        {"type": "dense", "units": 0},
+    ])
+    text = "\n".join(found)
+    assert "model.layers[0].type: unknown layer type 'conv' (did you mean 'conv2d'?)" in text
+    assert "model.layers[1].filter: unknown key 'filter' (did you mean 'filters'?)" in text
+    assert "model.layers[1].padding" in text and "did you mean 'same'" in text
+    assert "model.layers[1].filters: required key is missing" in text
+    assert "model.layers[2].units" in text and "greater than 0" in text
+
+
+@pytest.mark.parametrize(
+    "layers,expected",
+    [
+        ([{"type": "conv2d", "filters": "many", "kernel": 3}], "model.layers[0].filters: expected an integer"),
+        ([{"type": "conv2d", "filters": -2, "kernel": 3}], "model.layers[0].filters"),
+        ([{"type": "conv2d", "filters": 2, "kernel": [3, 0]}], "model.layers[0].kernel: expected an int >= 1"),
+        ([{"type": "maxpool", "size": 2, "stride": 0}], "model.layers[0].stride"),
+        ([{"type": "dropout", "rate": 1.5}], "model.layers[0].rate"),
+        ([{"type": "activation", "fn": "relu6"}], "model.layers[0].fn: expected 'linear'"),
+        ([{"type": "conv2d", "filters": 2, "kernel": 3, "activation": "rleu"}], "did you mean 'relu'"),
+        ([{"type": "conv2d", "filters": 2, "kernel": 3, "padding": -1}], "model.layers[0].padding"),
+        ([{"filters": 2}], "model.layers[0]: a layer needs a 'type'"),
+        ([{"type": "conv2d", "filters": 2, "kernel": 3, "bias": "maybe"}], "model.layers[0].bias: expected true or false"),
+    ],
+)
+def test_field_rules(layers, expected):
+    assert any(expected in p for p in problems(layers)), problems(layers)
+
+
+def test_empty_output_names_the_layer_and_the_shapes_so_far():
+    found = problems([{"type": "conv2d", "filters": 4, "kernel": 5}, {"type": "maxpool", "size": 30},
+                      {"type": "flatten"}, {"type": "dense", "units": 10}])
+    assert found == ["model.layers[1]: (maxpool) output would be 4×0×0 for an input of 4×24×24; "
+                     "shapes so far 1×28×28 -> 4×24×24"]
+
+
+def test_dense_on_feature_map_needs_flatten():
+    (found,) = problems([{"type": "conv2d", "filters": 4, "kernel": 3}, {"type": "dense", "units": 10}])
+    assert "model.layers[1]" in found and "add {type: flatten}" in found
+
+
+def test_softmax_must_be_last():
+    found = problems([{"type": "flatten"}, {"type": "softmax"}, {"type": "dense", "units": 10}])
+    assert found == ["model.layers[1]: softmax must be the last layer of the model"]
+
+
+def test_last_units_must_equal_classes():
+    (found,) = problems([{"type": "flatten"}, {"type": "dense", "units": 12}, {"type": "softmax"}])
+    assert found.startswith("model.layers[1]: the model outputs 12 values but the dataset has 10 classes")
+
+
+def test_residual_that_cannot_be_projected():
+    (found,) = problems([{"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 5}]},
+                         {"type": "flatten"}, {"type": "dense", "units": 10}])
+    assert "model.layers[0]" in found and "use padding: same" in found
+
+
+def test_residual_body_rejects_flatten():
+    found = problems([{"type": "residual", "layers": [{"type": "flatten"}]}, {"type": "dense", "units": 10}])
+    assert any("model.layers[0].layers[0]: flatten cannot stand inside a residual block" in p for p in found)
+
+
+def test_header_names_the_file_and_count():
+    with pytest.raises(ConfigError) as err:
+        compile_layers([{"type": "nope"}, {"type": "nada"}])
+    assert str(err.value).startswith("t.yaml has 2 problems")
+
+
+def test_every_layer_type_has_a_spec_class_with_a_type_default():
+    for name, cls in LAYER_TYPES.items():
+        assert cls.model_fields["type"].default == name
