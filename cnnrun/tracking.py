@@ -112,8 +112,13 @@ class MlflowLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def start_run(cfg, run_name: str, tags: Dict[str, str], parent_run_id: Optional[str] = None):
-    """Open an MLflow run, or stop with a clear message when the tracking store cannot be reached."""
+def start_run(
+    cfg, run_name: str, tags: Dict[str, str], parent_run_id: Optional[str] = None, resume_run_id: Optional[str] = None
+):
+    """Open an MLflow run, or stop with a clear message when the tracking store cannot be reached.
+
+    ``resume_run_id``: continue that run (set RUNNING again) when this store has it, else start a new one.
+    """
     if not cfg.enabled:
         return NullLogger()
     import mlflow
@@ -127,6 +132,10 @@ def start_run(cfg, run_name: str, tags: Dict[str, str], parent_run_id: Optional[
         all_tags = dict(tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        if resume_run_id and _has_run(client, resume_run_id):
+            client.update_run(resume_run_id, status="RUNNING")
+            mlflow.set_tracking_uri(cfg.uri)
+            return MlflowLogger(client, resume_run_id)
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     except (MlflowException, OSError) as err:
         raise UserError(
@@ -135,6 +144,16 @@ def start_run(cfg, run_name: str, tags: Dict[str, str], parent_run_id: Optional[
         ) from None
     mlflow.set_tracking_uri(cfg.uri)
     return MlflowLogger(client, run.info.run_id)
+
+
+def _has_run(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
 
 
 def ensure_experiment(client, name: str) -> str:

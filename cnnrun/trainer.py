@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import epoch_order, iterate_batches
+from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
 
@@ -130,12 +130,13 @@ class Trainer:
         steps = math.ceil(len(train) / cfg.batch_size)
         order = epoch_order(len(train), cfg.seed, epoch)
         use_augment = augment is not None and (augment.random_crop_padding or augment.horizontal_flip)
-        rng = np.random.default_rng([cfg.seed, epoch, 1]) if use_augment else None
         self.view.start_epoch(epoch, steps, state.batch)
         started = time.perf_counter()
         since_sync = 0
-        batches = iterate_batches(train, cfg.batch_size, order, augment if use_augment else None, rng, state.batch)
-        for images, labels in batches:
+        for images, labels in iterate_batches(train, cfg.batch_size, order, start_batch=state.batch):
+            if use_augment:  # seeded per batch, so a run resumed mid-epoch augments exactly as it would have
+                rng = np.random.default_rng([cfg.seed, epoch, state.batch, 1])
+                images = augment_batch(images, augment, rng)
             self.runner.train_step(images, labels)
             state.batch += 1
             since_sync += 1

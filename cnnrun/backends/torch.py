@@ -221,7 +221,8 @@ class TorchRunner:
         self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
 
     def _zero_metrics(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
+        # float64 sums: an interrupted-and-resumed epoch adds the same numbers in another grouping.
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._count = 0
 
@@ -242,7 +243,7 @@ class TorchRunner:
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            self._loss_sum += loss.detach() * len(labels)
+            self._loss_sum += loss.detach().double() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
         self._count += len(labels)
 
@@ -268,21 +269,34 @@ class TorchRunner:
             tensor.copy_(torch.from_numpy(native[name]).reshape(tensor.shape))
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
+        """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the RNG states that drive dropout."""
         names = {id(t): n for n, t in self.net.tensors.items()}
-        state: Dict[str, np.ndarray] = {}
+        state: Dict[str, np.ndarray] = {"rng/torch_cpu": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            state["rng/torch_cuda"] = torch.cuda.get_rng_state(self.device).numpy()
         for param, slots in self.optimizer.state.items():
             for slot, value in slots.items():
-                state[f"{names[id(param)]}/{slot}"] = value.detach().cpu().numpy().astype(np.float32)
+                state[f"{names[id(param)]}/{slot}"] = value.detach().cpu().numpy()
         return state
 
     @torch.no_grad()
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
+        if "rng/torch_cpu" in state:
+            torch.set_rng_state(torch.from_numpy(state["rng/torch_cpu"].copy()))
+        if "rng/torch_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.from_numpy(state["rng/torch_cuda"].copy()), self.device)
         for name, param in self.net.tensors.items():
             slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
             if slots:
-                self.optimizer.state[param] = {
-                    slot: torch.from_numpy(value).to(self.device) for slot, value in slots.items()
-                }
+                self.optimizer.state[param] = {slot: self._slot_tensor(param, v) for slot, v in slots.items()}
+
+    def _slot_tensor(self, param: torch.Tensor, value: np.ndarray) -> torch.Tensor:
+        """A restored optimizer slot; those shaped like the parameter share its memory format (fused kernels
+        walk both with the same strides, so a contiguous slot beside a channels_last weight would be misread)."""
+        source = torch.from_numpy(np.ascontiguousarray(value))
+        if tuple(source.shape) != tuple(param.shape):
+            return source.to(self.device)  # e.g. Adam's scalar step count
+        return torch.empty_like(param).copy_(source)
 
 
 def _make_optimizer(params, cfg, options, device):

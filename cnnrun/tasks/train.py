@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import yaml
 
@@ -12,6 +13,7 @@ from cnnrun.config import flatten_for_logging
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
+from cnnrun.resume import load_for_resume
 from cnnrun.summary import summary_json, summary_text
 from cnnrun.tasks.common import load_data, make_checkpoint, report_test, run_name, run_tags, write_text
 from cnnrun.trainer import Trainer, TrainState
@@ -27,10 +29,20 @@ def run(ctx) -> float:
         ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std
     )
     version = backend.framework_version()
-    logger = start_run(cfg.tracking, run_name(ctx, runner), run_tags(ctx, runner, version, "train"))
+    resumed = None
+    state = TrainState()
+    if cfg.trainer.resume:
+        resume_path, resumed = load_for_resume(ctx)
+        runner.set_weights(resumed.weights)
+        runner.set_training_state(resumed.training_state)
+        state = TrainState.from_dict(resumed.progress)
+        _carry_best(resume_path, ctx.output_dir / "checkpoints")
+    tags = run_tags(ctx, runner, version, "train")
+    previous_run = resumed.origin.get("run_id") if resumed is not None else None
+    logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run)
     status, error = "FAILED", None
     try:
-        objective = _train(ctx, runner, dataset, logger, version)
+        objective = _train(ctx, runner, dataset, logger, version, state, resumed is not None)
         status = "FINISHED"
         return objective
     except TrainingInterrupted as err:
@@ -43,11 +55,14 @@ def run(ctx) -> float:
         logger.end(status, error)
 
 
-def _train(ctx, runner, dataset, logger, version: str) -> float:
+def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resuming: bool) -> float:
     cfg, out = ctx.cfg, ctx.output_dir
     checkpoints = out / "checkpoints"
-    logger.log_params(flatten_for_logging(_loggable(ctx.raw)))
-    logger.log_dataset(dataset)
+    if resuming:  # the run's params were logged when it started; MLflow params cannot change
+        logger.set_tags({"cnnrun.resumed_from": cfg.trainer.resume, "cnnrun.resumed_at_epoch": state.epoch + 1})
+    else:
+        logger.log_params(flatten_for_logging(_loggable(ctx.raw)))
+        logger.log_dataset(dataset)
     logger.log_artifact(write_text(out / "config.yaml", yaml.safe_dump(ctx.raw, sort_keys=False)))
     logger.log_artifact(write_text(out / "summary.txt", summary_text(ctx.compiled)))
     logger.log_artifact(write_text(out / "summary.json", summary_json(ctx.compiled)))
@@ -71,7 +86,7 @@ def _train(ctx, runner, dataset, logger, version: str) -> float:
     view = ProgressView(cfg.trainer.progress, cfg.trainer.epochs)
     trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save)
     try:
-        state = trainer.fit(TrainState(), augment=cfg.dataset.augment)
+        state = trainer.fit(state, augment=cfg.dataset.augment)
     finally:
         view.close()
     if cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists():
@@ -91,6 +106,14 @@ def _train(ctx, runner, dataset, logger, version: str) -> float:
         f"checkpoint {final}; outputs in {out}"
     )
     return best_val_acc
+
+
+def _carry_best(resume_path, checkpoints) -> None:
+    """The interrupted run's best checkpoint continues to count: copy it into this run's folder."""
+    best = resume_path.parent / "best.safetensors"
+    if best.is_file() and best.parent != checkpoints:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(best, checkpoints / "best.safetensors")
 
 
 def _loggable(raw):
