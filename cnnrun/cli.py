@@ -58,12 +58,17 @@ def run_task(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     from cnnrun.context import RunContext
+    from cnnrun.sweep import job as sweep_job
+    from cnnrun.sweep.resources import assign
     from cnnrun.tasks import TASKS
 
+    job = sweep_job.from_hydra()  # None in a single run
+    sweep_job.begin(job)
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise UserError(f"the config cannot be resolved: {str(err).splitlines()[0]}") from None
+    raw = assign(raw, job)  # parallel sweep jobs: their share of CPU threads, their own GPU
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     ctx = RunContext.create(raw, output_dir, _sources(), _overrides())
     return importlib.import_module(TASKS[ctx.cfg.task]).run(ctx)
@@ -86,16 +91,32 @@ def _hydra_main(cfg: DictConfig):
         message = err.render() if isinstance(err, UserError) else f"cnnrun: {err}"
         print(message, file=sys.stderr)
         if _is_multirun():
+            if isinstance(err, TrainingInterrupted) and "trainer.max_time" not in str(err):
+                raise KeyboardInterrupt from err  # Ctrl-C/SIGTERM stops the whole sweep, not just this job
             raise  # the sweep records this job as failed and goes on
         sys.exit(err.exit_code)
+
+
+def _sweep_failed(err: BaseException) -> None:
+    from cnnrun.sweep.callback import finish_active
+
+    finish_active("FAILED")
 
 
 def main():
     """Console entry point: Hydra's app with cnnrun's error reporting."""
     from cnnrun import hydra_errors
+    from cnnrun.sweep.callback import finish_active
 
-    hydra_errors.install()
-    return _hydra_main()
+    hydra_errors.install(on_error=_sweep_failed)
+    try:
+        return _hydra_main()
+    except KeyboardInterrupt:
+        finish_active("KILLED")
+        print("cnnrun: interrupted", file=sys.stderr)
+        sys.exit(TrainingInterrupted.exit_code)
+    finally:
+        finish_active("FAILED")  # a sweep Hydra stopped without on_multirun_end: still summarised (else no-op)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,15 @@ class TrackingConfig(_Group):
     uri: str = Field(default="sqlite:///mlflow.db", description="Any MLflow tracking URI.")
     experiment: str = "cnnrun"
     run_name: Optional[str] = None
+    log_model: bool = Field(default=True, description="Log the trained model as an MLflow pyfunc model too.")
+
+
+class SweepConfig(_Group):
+    """Multirun (``-m``) settings: what each job returns to the sweep, and which jobs run again."""
+
+    objective: str = Field(default="best_val_acc", description="The metric each job returns (Optuna optimizes it).")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    rerun: bool = Field(default=False, description="Train a job again even if its config already FINISHED.")
 
 
 class SummaryConfig(_Group):
@@ -124,6 +133,7 @@ class RunConfig(_Group):
     trainer: TrainerConfig
     tracking: TrackingConfig
     summary: SummaryConfig = SummaryConfig()
+    sweep: SweepConfig = SweepConfig()
     checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate (task=eval).")
 
 
@@ -165,6 +175,7 @@ __all__ = [
     "Problem",
     "RunConfig",
     "SummaryConfig",
+    "SweepConfig",
     "TrackingConfig",
     "TrainerConfig",
     "validate_run_config",

@@ -59,9 +59,21 @@ class RunContext:
         return validate_options(self.cfg.framework.name, self.cfg.framework.options())
 
     def config_hash(self) -> str:
-        """Identifies a resolved config (without tracking/output settings): used to skip finished sweep jobs."""
-        relevant = {k: v for k, v in self.raw.items() if k not in ("tracking",)}
+        """Identifies what a run computes, to skip finished sweep jobs (cnnrun.sweep.resume).
+
+        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress), and the
+        CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
+        identical jobs of two invocations. Hydra's output directory is not part of the config.
+        """
+        relevant = {k: v for k, v in self.raw.items() if k not in HASH_IGNORED_GROUPS}
+        for group, key in HASH_IGNORED_KEYS:
+            if isinstance(relevant.get(group), dict):
+                relevant[group] = {k: v for k, v in relevant[group].items() if k != key}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary")
+HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:

@@ -41,6 +41,9 @@ class ConfigError(UserError):
         self.source = source
         super().__init__(self._text())
 
+    def __reduce__(self):  # pickled back from a parallel sweep's worker process with its problems intact
+        return (type(self), (self.problems, self.source))
+
     def _text(self) -> str:
         n = len(self.problems)
         head = f"{self.source} has {n} problem{'s' if n != 1 else ''}"

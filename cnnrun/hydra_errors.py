@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 
 def describe(error: BaseException) -> Optional[str]:
@@ -17,6 +17,11 @@ def describe(error: BaseException) -> Optional[str]:
     import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from cnnrun.errors import TrainingInterrupted, UserError
+
+    if isinstance(error, (UserError, TrainingInterrupted)):  # raised by a sweep job (Hydra re-raises the first)
+        return str(error)
 
     chain = []
     current: Optional[BaseException] = error
@@ -49,10 +54,18 @@ def _line(path: str, index: int) -> str:
         return ""
 
 
-def install() -> None:
-    """Wrap Hydra's reporter (hydra-core 1.3's internal ``run_and_report``) once per process."""
+_error_hooks: List[Callable[[BaseException], None]] = []
+
+
+def install(on_error: Optional[Callable[[BaseException], None]] = None) -> None:
+    """Wrap Hydra's reporter (hydra-core 1.3's internal ``run_and_report``) once per process.
+
+    ``on_error(err)`` runs before any error is reported (cnnrun.cli: summarise a sweep Hydra stopped).
+    """
     from hydra._internal import utils
 
+    if on_error is not None and on_error not in _error_hooks:
+        _error_hooks.append(on_error)
     if getattr(utils.run_and_report, "_cnnrun", False):
         return
     original: Callable[[Callable[[], Any]], Any] = utils.run_and_report
@@ -62,6 +75,8 @@ def install() -> None:
             try:
                 return func()
             except Exception as err:
+                for hook in list(_error_hooks):
+                    hook(err)
                 message = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else describe(err)
                 if message is None:
                     raise

@@ -2,12 +2,15 @@
 
 The trainer talks to a :class:`MetricLogger` only. :class:`MlflowLogger` batches metrics (one REST call or one
 transaction per epoch, not one per value) and always ends its run: FINISHED, FAILED with the error as a tag,
-or KILLED on interruption.
+or KILLED on interruption. When the store stops answering mid-run it warns once and goes on logging to files in
+the run's output folder (:mod:`cnnrun.tracking_offline`), so training finishes and nothing is lost. In a sweep,
+:func:`start_run` nests the run under the sweep's parent run (:mod:`cnnrun.sweep.job`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +19,33 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Protocol
 from cnnrun.errors import UserError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 opens experiments in its GenAI view without it
+# MLflow retries an unreachable http:// server for about four minutes by default; cnnrun gives up after ~10 s
+# (at the start: a clear error; mid-run: the offline log). Set these variables yourself to choose otherwise.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+OFFLINE_FOLDER = "tracking_offline"
+
+
+def connect(uri: str):
+    """An MlflowClient for ``uri`` (any tracking URI: a path, sqlite:///, postgresql://, http://host:port)."""
+    from mlflow.tracking import MlflowClient
+
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _tracking_errors():
+    """What a tracking call raises when the store is gone: MLflow wraps most of it; requests/OSError the rest."""
+    from mlflow.exceptions import MlflowException
+
+    errors = [MlflowException, OSError]
+    try:
+        import requests
+
+        errors.append(requests.RequestException)
+    except ImportError:  # pragma: no cover - MLflow depends on requests
+        pass
+    return tuple(errors)
 
 
 class MetricLogger(Protocol):
@@ -31,6 +61,8 @@ class MetricLogger(Protocol):
 
     def log_dataset(self, dataset) -> None: ...
 
+    def log_model(self, checkpoint: os.PathLike) -> None: ...
+
     def end(self, status: str, error: Optional[str] = None) -> None: ...
 
 
@@ -39,11 +71,17 @@ class NullLogger:
 
     run_id = None
 
+    def __init__(self):
+        self.latest: Dict[str, float] = {}  # each metric's last value (a sweep job's objective comes from here)
+
     def log_params(self, params): ...
 
     def set_tags(self, tags): ...
 
-    def log_metrics(self, metrics, step=None): ...
+    def log_metrics(self, metrics, step=None):
+        self.latest.update({k: float(v) for k, v in metrics.items()})
+
+    def log_model(self, checkpoint): ...
 
     def log_artifact(self, path, artifact_path=None): ...
 
@@ -55,34 +93,87 @@ class NullLogger:
 class MlflowLogger:
     """One MLflow run. Created by :func:`start_run`, which checks that the store answers before training."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, uri: str = "", offline_dir: Optional[Path] = None, log_model: bool = True):
         self.client = client
         self.run_id = run_id
+        self.uri = uri
+        self.offline_dir = Path(offline_dir) if offline_dir else Path.cwd() / OFFLINE_FOLDER / run_id
+        self.should_log_model = log_model
+        self.latest: Dict[str, float] = {}  # each metric's last value (a sweep job's objective comes from here)
+        self.offline = None  # an OfflineLog once the store stopped answering
         self._ended = False
+
+    def _call(self, what: str, online, offline) -> None:
+        """Run ``online()`` against the store; on its first failure warn once and use ``offline(log)`` from then on."""
+        if self.offline is None:
+            try:
+                online()
+                return
+            except _tracking_errors() as err:
+                self._go_offline(what, err)
+        offline(self.offline)
+
+    def _go_offline(self, what: str, err: BaseException) -> None:
+        from cnnrun.tracking_offline import OfflineLog
+
+        reason = f"{what} failed: {str(err).splitlines()[0][:300]}"
+        self.offline = OfflineLog(self.offline_dir, self.run_id, self.uri, reason)
+        print(
+            f"cnnrun: warning: MLflow tracking at {self.uri} stopped working ({reason}); training goes on and "
+            f"this run's tracking continues in {self.offline_dir}",
+            file=sys.stderr,
+        )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's per-batch param limit
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+        def online():
+            for start in range(0, len(items), 100):  # MLflow's per-batch param limit
+                self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+        self._call("logging params", online, lambda log: log.params(params))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        self._call("setting tags", lambda: self.client.log_batch(self.run_id, tags=batch), lambda log: log.tags(tags))
 
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
 
+        self.latest.update({k: float(v) for k, v in metrics.items()})
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=batch),
+                   lambda log: log.metrics(metrics, step))
 
     def log_artifact(self, path: os.PathLike, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call(
+            f"uploading {Path(path).name}",
+            lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+            lambda log: log.artifact(path, artifact_path),
+        )
+
+    def log_model(self, checkpoint: os.PathLike) -> None:
+        """The checkpoint as an MLflow pyfunc model (tracking.log_model), so mlflow.pyfunc.load_model predicts."""
+        if not self.should_log_model or self.offline is not None:
+            return
+        from cnnrun.mlflow_model import log_pyfunc
+
+        try:
+            log_pyfunc(self.run_id, Path(checkpoint))
+        except _tracking_errors() as err:
+            self._go_offline("logging the model", err)
+        except Exception as err:  # the run's results are recorded; a model that cannot be packaged only warns
+            print(f"cnnrun: warning: the MLflow model was not logged: {type(err).__name__}: {err}", file=sys.stderr)
 
     def log_dataset(self, dataset) -> None:
+        self._call("logging the dataset", lambda: self._log_dataset(dataset), lambda log: None)
+
+    def _log_dataset(self, dataset) -> None:
         """Record the dataset with MLflow's dataset tracking: name, digest, source, split sizes."""
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.entities import Dataset as MlflowDataset
@@ -109,7 +200,16 @@ class MlflowLogger:
         self._ended = True
         if error:
             self.set_tags({"cnnrun.error": error})
-        self.client.set_terminated(self.run_id, status=status)
+        self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status=status),
+                   lambda log: log.end(status, error))
+        if self.offline is not None:
+            print(
+                f"cnnrun: MLflow run {self.run_id} at {self.uri} could not be completed: it ended {status} here, "
+                f"but the store stopped answering. Its metrics, params and tags since then are in "
+                f"{self.offline_dir} (metrics.jsonl, params.json, tags.json, status.json); the checkpoint and the "
+                f"other outputs are in {self.offline_dir.parent}",
+                file=sys.stderr,
+            )
 
 
 def start_run(
@@ -123,10 +223,23 @@ def start_run(
         return NullLogger()
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+
+    from cnnrun.sweep import job as sweep_job
 
     os.environ.pop("MLFLOW_RUN_ID", None)  # an inherited run id would hijack this run
-    client = MlflowClient(tracking_uri=cfg.uri)
+    client = connect(cfg.uri)
+    job = sweep_job.current()  # a sweep job's run goes under the sweep's parent run, tagged with its job number
+    if job is not None:
+        parent_run_id = parent_run_id or job.parent_for(cfg)
+        tags = {**tags, **job.tags()}
+        run_name = job.run_name(run_name)
+    offline_dir = Path(tags.get("cnnrun.output_dir") or Path.cwd()) / OFFLINE_FOLDER
+
+    def logger(run_id: str) -> MlflowLogger:
+        mlflow.set_tracking_uri(cfg.uri)
+        sweep_job.note_run(run_id)
+        return MlflowLogger(client, run_id, cfg.uri, offline_dir, getattr(cfg, "log_model", True))
+
     try:
         experiment_id = ensure_experiment(client, cfg.experiment)
         all_tags = dict(tags)
@@ -134,16 +247,14 @@ def start_run(
             all_tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id and _has_run(client, resume_run_id):
             client.update_run(resume_run_id, status="RUNNING")
-            mlflow.set_tracking_uri(cfg.uri)
-            return MlflowLogger(client, resume_run_id)
+            return logger(resume_run_id)
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     except (MlflowException, OSError) as err:
         raise UserError(
             f"tracking.uri={cfg.uri} cannot be used: {str(err).splitlines()[0][:300]}\n"
             "  start the tracking server, fix the URI, or run with tracking.enabled=false"
         ) from None
-    mlflow.set_tracking_uri(cfg.uri)
-    return MlflowLogger(client, run.info.run_id)
+    return logger(run.info.run_id)
 
 
 def _has_run(client, run_id: str) -> bool:

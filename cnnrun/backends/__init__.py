@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Protocol, Tuple, Type
+from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Type
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,7 +63,7 @@ class TensorFlowOptions(_Options):
 
 
 class KerasOptions(_Options):
-    backend: str = Field(default="tensorflow", description="Keras 3 backend: tensorflow or torch.")
+    backend: Literal["tensorflow", "torch"] = Field(default="tensorflow", description="Keras 3 backend.")
     jit_compile: bool = False
 
 

@@ -15,6 +15,8 @@ from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
 from cnnrun.resume import load_for_resume
 from cnnrun.summary import summary_json, summary_text
+from cnnrun.sweep.objective import job_result
+from cnnrun.sweep.resume import skip_finished
 from cnnrun.tasks.common import load_data, make_checkpoint, report_test, run_name, run_tags, write_text
 from cnnrun.trainer import Trainer, TrainState
 from cnnrun.tracking import start_run
@@ -23,6 +25,9 @@ from cnnrun.tracking import start_run
 def run(ctx) -> float:
     """Train; return the objective for sweeps (best validation accuracy)."""
     cfg = ctx.cfg
+    skipped = skip_finished(ctx)  # a sweep job whose config already has a FINISHED run: its objective, no training
+    if skipped is not None:
+        return skipped
     dataset = load_data(ctx)
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
@@ -100,12 +105,13 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         make_checkpoint(ctx, runner, dataset, origin, state.to_dict(), training_state=False),
     )
     logger.log_artifact(final)
+    logger.log_model(final)  # tracking.log_model: the checkpoint as an MLflow pyfunc model too
     logger.log_artifact(learning_curve(state.history, out / "learning_curve.png", title))
     console.print(
         f"test accuracy [bold]{test['test_acc']:.4f}[/] (loss {test['test_loss']:.4f}); "
         f"checkpoint {final}; outputs in {out}"
     )
-    return best_val_acc
+    return job_result(ctx, logger, best_val_acc)  # sweep.objective (default: best_val_acc)
 
 
 def _carry_best(resume_path, checkpoints) -> None:

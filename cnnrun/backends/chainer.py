@@ -1,0 +1,461 @@
+"""Chainer backend: a ``chainer.Chain`` per compiled layer, NCHW, on NumPy (CPU) or CuPy (CUDA).
+
+Chainer's own window conventions differ from cnnrun's (TensorFlow's) and are never relied on where they differ:
+its convolutions and poolings pad symmetrically, max pooling defaults to ``cover_all=True`` (partial windows)
+and average pooling divides padded windows by the full window area. So symmetric padding uses the function's
+own ``pad`` (identical results, no copy), uneven padding is applied explicitly with ``F.pad`` (-inf for max
+pooling), ``cover_all=False`` everywhere, and average pooling rescales by a precomputed map of real cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from functools import partial
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from cnnrun.backends.chainer_env import (
+    CUDA_EXTRA_HINT,
+    cudnn_min_epsilon,
+    cudnn_usable,
+    cupy_status,
+    gpu_count,
+    gpu_name,
+    import_chainer,
+    limit_cpu_threads,
+)
+from cnnrun.errors import UserError
+from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
+from cnnrun.spec import CompiledLayer, CompiledModel
+from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
+
+chainer = import_chainer()
+import chainer.functions as F  # noqa: E402  (after the environment fix above)
+import chainer.links as L  # noqa: E402
+
+from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
+
+LAYOUT = CHANNELS_FIRST
+NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
+_CURAND_PHILOX = 161  # cuRAND's CURAND_RNG_PSEUDO_PHILOX4_32_10 (a stable C enum value; CuPy's module path moved)
+_CUPY_VERSION: Optional[str] = None  # set once a runner really uses CuPy; part of framework_version()
+
+
+def framework_version() -> str:
+    """Chainer's version, plus CuPy's when a runner in this process runs on CUDA."""
+    if _CUPY_VERSION:
+        return f"{chainer.__version__} (CuPy {_CUPY_VERSION})"
+    return chainer.__version__
+
+
+def _activation(name: str):
+    return {
+        "linear": lambda x: x,
+        "relu": F.relu,
+        "tanh": F.tanh,
+        "sigmoid": F.sigmoid,
+        "elu": partial(F.elu, alpha=ELU_ALPHA),
+        "leaky_relu": partial(F.leaky_relu, slope=LEAKY_RELU_SLOPE),
+    }[name]
+
+
+def _symmetric(pads) -> bool:
+    (top, bottom), (left, right) = pads
+    return top == bottom and left == right
+
+
+def _pad_width(pads) -> Tuple[Tuple[int, int], ...]:
+    """cnnrun's ((top, bottom), (left, right)) as a pad_width for an NCHW array."""
+    return ((0, 0), (0, 0), tuple(pads[0]), tuple(pads[1]))
+
+
+class Fn(chainer.Link):
+    """A parameterless layer (activation, flatten, pooling without padding, ...) as a Link, for ChainList."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class Conv(chainer.Chain):
+    """conv2d: L.Convolution2D with its own symmetric padding, or F.pad first when the padding is uneven."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        spec = layer.spec
+        symmetric = _symmetric(layer.pads)
+        self.pad_width = None if symmetric else _pad_width(layer.pads)
+        with self.init_scope():
+            self.conv = L.Convolution2D(
+                layer.in_shape[0],
+                spec.filters,
+                spec.kernel,
+                stride=spec.stride,
+                pad=(layer.pads[0][0], layer.pads[1][0]) if symmetric else 0,
+                nobias=not spec.bias,
+                initialW=chainer.initializers.Zero(),  # cnnrun sets the shared initial weights afterwards
+            )
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad_width is not None:
+            x = F.pad(x, self.pad_width, "constant")
+        return self.act(self.conv(x))
+
+
+class MaxPool(chainer.Link):
+    """maxpool without partial windows (cover_all=False); padded cells are -inf."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        self.size, self.stride = layer.spec.size, layer.spec.strides
+        symmetric = _symmetric(layer.pads)
+        # Chainer's own padding for max pooling is -inf, the same as cnnrun's; uneven padding goes through F.pad.
+        self.pad = (layer.pads[0][0], layer.pads[1][0]) if symmetric else (0, 0)
+        self.pad_width = None if symmetric else _pad_width(layer.pads)
+
+    def forward(self, x):
+        if self.pad_width is not None:
+            x = F.pad(x, self.pad_width, "constant", constant_values=-np.inf)  # padded cells never win
+        return F.max_pooling_2d(x, self.size, self.stride, pad=self.pad, cover_all=False)
+
+
+class AvgPool(chainer.Link):
+    """Averages real cells only: Chainer's average (padded zeros over the full window area) times area/count."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        self.size, self.stride = layer.spec.size, layer.spec.strides
+        padded = any(sum(p) for p in layer.pads)
+        symmetric = _symmetric(layer.pads)
+        self.pad = (layer.pads[0][0], layer.pads[1][0]) if symmetric else (0, 0)
+        self.pad_width = None if symmetric else _pad_width(layer.pads)
+        # A persistent moves with the link to the GPU; it is not a weight (the tensor index never lists it).
+        self.add_persistent("scale", _real_cell_scale(layer) if padded else None)
+
+    def forward(self, x):
+        if self.pad_width is not None:
+            x = F.pad(x, self.pad_width, "constant")
+        y = F.average_pooling_2d(x, self.size, self.stride, pad=self.pad)
+        return y if self.scale is None else y * F.broadcast_to(self.scale, y.shape)
+
+
+def _real_cell_scale(layer: CompiledLayer) -> np.ndarray:
+    """(1, 1, OH, OW) float32: window area / number of real (unpadded) cells in each output's window."""
+    (kh, kw), (sh, sw) = layer.spec.size, layer.spec.strides
+    ones = np.pad(np.ones(layer.in_shape[1:], np.float32), layer.pads)
+    oh, ow = layer.out_shape[1:]
+    counts = np.empty((oh, ow), np.float32)
+    for i in range(oh):
+        for j in range(ow):
+            counts[i, j] = ones[i * sh : i * sh + kh, j * sw : j * sw + kw].sum()
+    return ((kh * kw) / counts).astype(np.float32)[None, None]
+
+
+class Dense(chainer.Chain):
+    """dense: L.Linear, whose (out, in) weight is the canonical layout."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        with self.init_scope():
+            self.linear = L.Linear(
+                layer.in_shape[0], layer.spec.units, nobias=not layer.spec.bias, initialW=chainer.initializers.Zero()
+            )
+        self.act = _activation(layer.spec.activation)
+
+    def forward(self, x):
+        return self.act(self.linear(x))
+
+
+class BatchNorm(L.BatchNormalization):
+    """Keras's momentum is Chainer's decay (both weigh the old running value); running var is unbiased in both
+    Chainer and PyTorch. cuDNN refuses an epsilon below its minimum, so such layers run Chainer's own kernels."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__(layer.in_shape[0], decay=layer.spec.momentum, eps=layer.spec.epsilon)
+
+    def forward(self, x, **kwargs):
+        if self.eps >= cudnn_min_epsilon():
+            return super().forward(x, **kwargs)
+        with chainer.using_config("use_cudnn", "never"):
+            return super().forward(x, **kwargs)
+
+
+class Dropout(chainer.Link):
+    """Dropout with the runner's seeded generator (Chainer's own draws from NumPy's global RNG)."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        self.rate, self.noise = layer.spec.rate, noise
+
+    def forward(self, x):
+        if not chainer.config.train or self.rate == 0.0:
+            return x
+        keep = self.noise.uniform(x.shape, chainer.backend.get_array_module(x)) >= self.rate
+        mask = keep.astype(np.float32)
+        mask *= np.float32(1.0 / (1.0 - self.rate))
+        return F.dropout(x, self.rate, mask=mask)
+
+
+class Residual(chainer.Chain):
+    """activation(body(x) + shortcut(x)); the shortcut is the compiler's 1×1 projection conv, or the identity."""
+
+    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+        super().__init__()
+        with self.init_scope():
+            self.body = chainer.ChainList(*[build_layer(child, noise) for child in layer.body])
+            self.shortcut = build_layer(layer.shortcut, noise) if layer.shortcut else None
+        self.act = _activation(layer.spec.activation)
+
+    def forward(self, x):
+        y = x
+        for link in self.body:
+            y = link(y)
+        return self.act(y + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+def _flatten(x):
+    return F.reshape(x, (x.shape[0], -1))  # NCHW → C·H·W order, the canonical one
+
+
+def _global_avgpool(x):
+    return F.mean(x, axis=(2, 3))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES; each takes (layer, noise).
+BUILDERS = {
+    "conv2d": Conv,
+    "maxpool": MaxPool,
+    "avgpool": AvgPool,
+    "global_avgpool": lambda layer, noise: Fn(_global_avgpool),
+    "flatten": lambda layer, noise: Fn(_flatten),
+    "dense": Dense,
+    "dropout": Dropout,
+    "batchnorm": BatchNorm,
+    "activation": lambda layer, noise: Fn(_activation(layer.spec.fn)),
+    "softmax": lambda layer, noise: Fn(lambda x: x),  # fused into the loss; predictions apply it
+    "residual": Residual,
+}
+
+
+def build_layer(layer: CompiledLayer, noise: "Noise") -> chainer.Link:
+    """The Chainer link for one compiled layer."""
+    return BUILDERS[layer.type](layer, noise)
+
+
+class Noise:
+    """Seeded random numbers for dropout masks, on whichever device the arrays live.
+
+    Counter-based: draw number ``k`` comes from a generator keyed by (seed, k), so the whole state is one
+    counter, which the training state carries; a resumed run draws the very masks the uninterrupted one would.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.draws = 0
+
+    def uniform(self, shape, xp):
+        """float32 uniform [0, 1) numbers of ``shape``, as a NumPy or CuPy array (``xp``)."""
+        key = int(np.random.SeedSequence([self.seed, 104729, self.draws]).generate_state(1, np.uint64)[0])
+        self.draws += 1
+        if xp is np:
+            return np.random.default_rng(key).random(shape, dtype=np.float32)
+        # Philox: cheap to set up per draw, unlike cuRAND's default XORWOW state initialisation.
+        return xp.random.RandomState(key >> 1, method=_CURAND_PHILOX).random_sample(shape, dtype=np.float32)
+
+
+class Network(chainer.ChainList):
+    """The compiled model; ``tensors`` maps canonical names to (link, attribute) holding each array."""
+
+    def __init__(self, model: CompiledModel, noise: Noise):
+        super().__init__(*[build_layer(layer, noise) for layer in model.layers])
+        self.tensors = self._index(model)
+
+    def forward(self, x):
+        for link in self:
+            x = link(x)
+        return x
+
+    def _index(self, model: CompiledModel) -> Dict[str, Tuple[chainer.Link, str]]:
+        index: Dict[str, Tuple[chainer.Link, str]] = {}
+
+        def visit(layers: List[CompiledLayer], links) -> None:
+            for layer, link in zip(layers, links):
+                if layer.type == "conv2d":
+                    index[f"{layer.name}/kernel"] = (link.conv, "W")  # OIHW: canonical
+                    if layer.spec.bias:
+                        index[f"{layer.name}/bias"] = (link.conv, "b")
+                elif layer.type == "dense":
+                    index[f"{layer.name}/kernel"] = (link.linear, "W")  # (out, in): canonical
+                    if layer.spec.bias:
+                        index[f"{layer.name}/bias"] = (link.linear, "b")
+                elif layer.type == "batchnorm":
+                    for name, attr in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "avg_mean"),
+                                       ("moving_variance", "avg_var")):
+                        index[f"{layer.name}/{name}"] = (link, attr)
+                elif layer.type == "residual":
+                    visit(layer.body, link.body)
+                    if layer.shortcut is not None:
+                        visit([layer.shortcut], [link.shortcut])
+
+        visit(model.layers, self)
+        return index
+
+    def array(self, name: str):
+        """The live array behind a canonical name (a parameter's data or a persistent)."""
+        link, attr = self.tensors[name]
+        value = getattr(link, attr)
+        return value.array if isinstance(value, chainer.Variable) else value
+
+    def param(self, name: str) -> Optional[chainer.Parameter]:
+        link, attr = self.tensors[name]
+        value = getattr(link, attr)
+        return value if isinstance(value, chainer.Parameter) else None
+
+
+def resolve_device(device):
+    """cpu / cuda / cuda:N / auto → a Chainer device that really works, or a UserError that says why not."""
+    if device.kind == "cpu":
+        return chainer.get_device("@numpy")
+    cupy, why = cupy_status()
+    count, no_gpu = gpu_count(cupy) if cupy is not None else (0, why)
+    if device.kind == "auto" and count == 0:
+        return chainer.get_device("@numpy")
+    if cupy is None:
+        raise UserError(
+            f"device={device.name}: Chainer runs on CUDA GPUs through CuPy, and {why}; {CUDA_EXTRA_HINT}. "
+            "Or use device=cpu"
+        )
+    if count == 0:
+        raise UserError(
+            f"device={device.name}: CuPy {cupy.__version__} sees no usable CUDA GPU ({no_gpu}); "
+            "check the NVIDIA driver (nvidia-smi) or use device=cpu"
+        )
+    index = device.cuda_index
+    if index >= count:
+        raise UserError(f"device=cuda:{index}: only {count} GPU(s) visible to CuPy")
+    with warnings.catch_warnings():
+        # "cuDNN is not enabled": said once in the device name ("cuDNN off") instead of as a warning.
+        warnings.filterwarnings("ignore", message="cuDNN is not enabled")
+        return chainer.get_device(f"@cupy:{index}")
+
+
+class ChainerRunner:
+    """The Runner protocol (see cnnrun.backends) for Chainer, on NumPy or CuPy arrays."""
+
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+        from cnnrun.spec.init import initial_weights
+
+        global _CUPY_VERSION
+        self.model = model
+        self.device = resolve_device(device)
+        self.xp = self.device.xp
+        self._threads = limit_cpu_threads(device.threads) if self.xp is np else None
+        self.noise = Noise(seed)
+        self.net = Network(model, self.noise)
+        if self.xp is not np:
+            self.device.use()
+            self.net.to_device(self.device)
+            _CUPY_VERSION = self.xp.__version__
+        self.set_weights(initial_weights(model, seed))
+        shape = (1, len(mean), 1, 1)
+        self.mean = self.xp.asarray(np.asarray(mean, np.float32).reshape(shape))
+        self.inv_std = self.xp.asarray((1.0 / np.asarray(std, np.float32)).reshape(shape))
+        self.optimizer = TorchLikeOptimizer(optimizer).setup(self.net)
+        self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
+        self._zero_metrics()
+        if self.xp is np:
+            self.device_name = "cpu"
+        else:
+            cudnn = "" if self.use_cudnn == "auto" else ", cuDNN off"
+            index = self.device.device.id
+            self.device_name = f"cuda:{index} ({gpu_name(self.xp, index)}{cudnn})"
+
+    @contextlib.contextmanager
+    def _config(self, train: bool) -> Iterator[None]:
+        """Chainer's thread-local switches for one call: the device, mode, cuDNN, and no per-call type checks
+        (the compiler already proved every shape, and the checks cost Python time on every function call)."""
+        with chainer.using_device(self.device), chainer.using_config("train", train), \
+                chainer.using_config("enable_backprop", train), chainer.using_config("use_cudnn", self.use_cudnn), \
+                chainer.using_config("type_check", False):
+            yield
+
+    def _zero_metrics(self) -> None:
+        # float64 sums: an interrupted-and-resumed epoch adds the same numbers in another grouping.
+        self._loss_sum = self.xp.zeros((), np.float64)
+        self._correct = self.xp.zeros((), np.int64)
+        self._count = 0
+
+    def _inputs(self, images: np.ndarray):
+        x = self.xp.asarray(images)  # the uint8 batch crosses to the GPU at a quarter of float32's size
+        x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        x -= self.mean
+        x *= self.inv_std
+        return x
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        x = self._inputs(images)
+        t = self.xp.asarray(labels.astype(np.int32, copy=False))
+        with self._config(train=True):
+            logits = self.net(x)
+            loss = F.softmax_cross_entropy(logits, t)
+            self.net.cleargrads()
+            loss.backward()
+            self.optimizer.update()
+        # Accumulated where computed (device arrays): nothing here waits for the GPU.
+        self._loss_sum += loss.array.astype(np.float64) * len(labels)
+        self._correct += (logits.array.argmax(axis=1) == t).sum()
+        self._count += len(labels)
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        count = self._count
+        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
+        self._zero_metrics()
+        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        with self._config(train=False):
+            logits = self.net(self._inputs(images)).array
+        return np.asarray(chainer.backend.CpuDevice().send(logits), dtype=np.float32)
+
+    def get_weights(self) -> Dict[str, np.ndarray]:
+        cpu = chainer.backend.CpuDevice()
+        # Copies (np.array): on the CPU the live arrays would otherwise change under the caller as training goes on.
+        native = {name: np.array(cpu.send(self.net.array(name))) for name in self.net.tensors}
+        return to_canonical(self.model, native, LAYOUT)
+
+    def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
+        native = from_canonical(self.model, weights, LAYOUT)
+        for name in self.net.tensors:
+            target = self.net.array(name)
+            target[...] = self.xp.asarray(native[name]).reshape(target.shape)  # in place: optimizer keeps its refs
+
+    def get_training_state(self) -> Dict[str, np.ndarray]:
+        """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the dropout generator's draw counter."""
+        state: Dict[str, np.ndarray] = {NOISE_STATE: np.asarray([self.noise.draws], np.int64)}
+        for name in self.net.tensors:
+            param = self.net.param(name)
+            if param is not None and param.update_rule is not None:
+                for slot, value in param.update_rule.export_state().items():
+                    state[f"{name}/{slot}"] = value
+        return state
+
+    def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
+        if NOISE_STATE in state:
+            self.noise.draws = int(state[NOISE_STATE][0])
+        for name in self.net.tensors:
+            param = self.net.param(name)
+            slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
+            if param is not None and slots:
+                param.update_rule.import_state(slots, param)
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std) -> ChainerRunner:
+    """Build ``model`` in Chainer on ``device`` with cnnrun's initial weights and the torch-equivalent optimizer."""
+    return ChainerRunner(model, optimizer, options, device, seed, mean, std)

@@ -1,0 +1,133 @@
+"""The bad-input matrix: each mistake goes through the real CLI and must end with a non-zero exit, a message that
+names the key or file and what is allowed, no traceback, and no MLflow run left RUNNING."""
+
+from pathlib import Path
+
+import pytest
+
+from cnnrun import checkpoint as ckpt_io
+from cnnrun.spec import compile_model
+from cnnrun.spec.init import initial_weights
+from tests.helpers import mlflow_runs, run_cli, shipped_model
+
+MY_MODEL = "name: mine\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 10}\n"
+FILES = {
+    "unquoted.yaml": "name: x\nlayers:\n  - {type: dense, units: ${dataset.num_classes}}\n",
+    "indent.yaml": "name: x\nlayers:\n  - type: flatten\n   - type: dense\n",
+    "tab.yaml": "name: x\nlayers:\n\t- {type: flatten}\n",
+    "empty_layers.yaml": "name: x\nlayers: []\n",
+    "no_name.yaml": "layers:\n  - {type: flatten}\n  - {type: dense, units: 10}\n",
+    "duplicate_names.yaml": "name: x\nlayers:\n  - {type: flatten, name: a}\n  - {type: dense, units: 10, name: a}\n",
+    "not_a_mapping.yaml": "name: x\nlayers:\n  - flatten\n  - {type: dense, units: 10}\n",
+}
+
+# (id, args, fragments that must appear in stderr); {dir} is the test's working directory.
+CASES = [
+    # YAML files the user wrote
+    ("yaml-unquoted-interpolation", ["model=unquoted"], ["YAML syntax error", "unquoted.yaml, line 3", "quote"]),
+    ("yaml-bad-indentation", ["model=indent"], ["YAML syntax error", "indent.yaml"]),
+    ("yaml-tab", ["model=tab"], ["YAML syntax error", "tab.yaml"]),
+    ("spec-empty-layers", ["model=empty_layers"], ["empty_layers.yaml", "model.layers"]),
+    ("spec-no-name", ["model=no_name"], ["model.name"]),
+    ("spec-duplicate-names", ["model=duplicate_names"], ["layer name 'a' is used more than once"]),
+    ("spec-layer-not-mapping", ["model=not_a_mapping"], ["model.layers[0]"]),
+    # every rule of the spec, from the command line
+    ("layer-unknown-type", ["model.layers.0.type=conv"], ["model.layers[0].type: unknown layer type 'conv'", "conv2d"]),
+    ("layer-misspelt-key", ["+model.layers.0.filter=3"], ["unknown key 'filter' (did you mean 'filters'?)"]),
+    ("layer-missing-key", ["~model.layers.0.filters"], ["model.layers[0].filters: required key is missing"]),
+    ("layer-zero-kernel", ["model.layers.0.kernel=0"], ["model.layers[0].kernel: expected an int >= 1"]),
+    ("layer-negative-filters", ["model.layers.0.filters=-4"], ["model.layers[0].filters", "greater than 0"]),
+    ("layer-string-filters", ["model.layers.0.filters=lots"], ["model.layers[0].filters: expected an integer"]),
+    ("layer-triple-stride", ["model.layers.0.stride=[1,2,3]"], ["model.layers[0].stride", "[h, w]"]),
+    ("layer-padding-typo", ["model.layers.0.padding=smae"], ["did you mean 'same'"]),
+    ("layer-negative-padding", ["model.layers.0.padding=-1"], ["model.layers[0].padding", "'valid', 'same'"]),
+    ("layer-unknown-activation", ["model.layers.0.activation=rleu"], ["did you mean 'relu'"]),
+    ("layer-dropout-rate", ["model.layers.4.type=dropout", "+model.layers.4.rate=1.0"], ["model.layers[4].rate"]),
+    ("layer-bias-not-bool", ["+model.layers.0.bias=maybe"], ["model.layers[0].bias: expected true or false"]),
+    ("shape-empty-output", ["model.layers.1.size=64"], ["model.layers[1]: (maxpool) output would be", "shapes so far"]),
+    ("shape-dense-needs-flatten", ["model.layers.4.type=dropout", "+model.layers.4.rate=0.1"],
+     ["model.layers[5]: (dense) needs a vector", "flatten"]),
+    ("shape-softmax-not-last", ["model.layers.5.type=softmax", "~model.layers.5.units", "~model.layers.5.activation"],
+     ["model.layers[5]: softmax must be the last layer"]),
+    ("shape-classes", ["model.layers.6.units=7"], ["the model outputs 7 values but the dataset has 10 classes"]),
+    ("residual-flatten-inside", ["model=resnet_lite", "model.layers.3.layers.2.type=flatten",
+                                 "~model.layers.3.layers.2.fn"], ["cannot stand inside a residual block"]),
+    ("residual-unmatched", ["model=resnet_lite", "model.layers.3.layers.0.padding=valid"],
+     ["model.layers[3]", "use padding: same"]),
+    # wrong types and values for the other groups
+    ("trainer-epochs-abc", ["trainer.epochs=abc"], ["trainer.epochs: expected an integer; received 'abc'"]),
+    ("trainer-batch-zero", ["trainer.batch_size=0"], ["trainer.batch_size"]),
+    ("trainer-patience-zero", ["trainer.patience=0"], ["trainer.patience"]),
+    ("optimizer-negative-lr", ["optimizer.lr=-1"], ["optimizer.lr"]),
+    ("optimizer-unknown", ["optimizer.name=adamw"], ["optimizer.name", "'adam'"]),
+    ("dataset-fraction", ["dataset.val_fraction=1.5"], ["dataset.val_fraction"]),
+    ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
+    ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
+    ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),
+    ("hydra-key-not-in-config", ["trainer.epoch=3"], ["trainer.epoch"]),
+    # unknown names
+    ("framework-group-unknown", ["framework=jax"], ["framework/jax", "torch", "chainer"]),
+    ("framework-name-unknown", ["framework.name=pytorch"], ["framework=pytorch is unknown", "did you mean 'torch'"]),
+    ("device-group-unknown", ["device=tpu"], ["device/tpu", "cuda"]),
+    ("device-name-unknown", ["device.name=gpu"], ["device.name", "'cpu', 'cuda', 'cuda:N' or 'auto'"]),
+    ("dataset-group-unknown", ["dataset=imagenet"], ["dataset/imagenet", "mnist_5k"]),
+    ("model-group-unknown", ["model=nope"], ["model/nope", "classic_cnn"]),
+    # the environment
+    ("cuda-without-gpu", ["device=cuda"], ["device=cuda", "no usable CUDA GPU"]),
+    ("dataset-missing-offline", ["dataset=mnist", "dataset.download=false", "dataset.root={dir}/empty"],
+     ["dataset.root", "dataset=mnist_5k"]),
+    ("folder-without-root", ["dataset=folder"], ["dataset.root"]),
+    ("folder-root-missing", ["dataset=folder", "dataset.root={dir}/nowhere"], ["nowhere"]),
+    ("tracking-unreachable", ["tracking.uri=http://127.0.0.1:9"], ["tracking.uri=http://127.0.0.1:9 cannot be used"]),
+    # checkpoints
+    ("eval-without-checkpoint", ["task=eval"], ["checkpoint"]),
+    ("eval-missing-checkpoint", ["task=eval", "checkpoint={dir}/missing.safetensors"], ["does not exist"]),
+    ("eval-garbage-checkpoint", ["task=eval", "checkpoint={dir}/garbage.safetensors"], ["not a cnnrun checkpoint"]),
+    ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["does not exist"]),
+    ("resume-last-nothing", ["trainer.resume=last"], ["trainer.resume=last: no checkpoints/last.safetensors"]),
+    ("resume-other-model", ["trainer.resume={dir}/resnet_last.safetensors"],
+     ["was trained with a different model", "model.layers[0]"]),
+    ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),
+]
+
+
+def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:
+    model = compile_model(shipped_model(model_name), (1, 28, 28), 10)
+    ckpt_io.save(path, ckpt_io.Checkpoint(
+        weights=initial_weights(model, 0), spec=model.spec, input_shape=model.input_shape,
+        class_names=tuple(str(d) for d in range(10)), mean=(33.5,), std=(78.7,),
+        origin={"framework": "torch"}, progress={"epoch": 1, "batch": 0} if with_state else {},
+        training_state={"rng/torch_cpu": __import__("numpy").zeros(4, "uint8")} if with_state else {},
+    ))
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "my_configs" / "model").mkdir(parents=True)
+    for name, text in FILES.items():
+        (root / "my_configs" / "model" / name).write_text(text)
+    (root / "empty").mkdir()
+    (root / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    _checkpoint(root / "resnet_last.safetensors", "resnet_lite", with_state=True)
+    _checkpoint(root / "classic_weights_only.safetensors", "classic_cnn", with_state=False)
+    return root
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case_id,args,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(stage, case_id, args, fragments, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [a.replace("{dir}", str(stage)) for a in args]
+    result = run_cli(["--config-dir", str(stage / "my_configs"), f"tracking.uri={uri}", "trainer.progress=false",
+                      *args], tmp_path, env={"CNNRUN_DATA_DIR": str(tmp_path / "data"),
+                                             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert result.returncode != 0, f"{case_id} was accepted:\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-4000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{case_id}: {fragment!r} not in:\n{result.stderr[-3000:]}"
+    _, runs = mlflow_runs(uri)
+    assert all(run.info.status != "RUNNING" for run in runs)
