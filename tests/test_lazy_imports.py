@@ -10,8 +10,14 @@ import pytest
 from cnnrun.backends import BACKENDS
 
 FRAMEWORK_PACKAGES = {"torch", "tensorflow", "keras", "chainer", "cupy", "jax"}
-# What each framework may load: Keras 3 on its default TensorFlow backend needs TensorFlow.
-ALLOWED = {"torch": {"torch"}, "tensorflow": {"tensorflow"}, "keras": {"keras", "tensorflow"}, "chainer": {"chainer"}}
+# What each framework may load: `import tensorflow` (2.21) itself imports its bundled keras package, and Keras 3
+# on its default TensorFlow backend needs TensorFlow. Never torch or chainer for those, never TF for the others.
+ALLOWED = {
+    "torch": {"torch"},
+    "tensorflow": {"tensorflow", "keras"},
+    "keras": {"keras", "tensorflow"},
+    "chainer": {"chainer"},
+}
 
 SNIPPET = """
 import json, sys
