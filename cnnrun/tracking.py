@@ -31,7 +31,32 @@ def connect(uri: str):
 
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    return _initialise_sqlite_store(uri, uri[len("sqlite:///") :])
+
+
+def _initialise_sqlite_store(uri: str, db_path: str):
+    """Create/migrate a local sqlite store under an exclusive file lock.
+
+    MLflow creates and migrates the schema on first use; several cnnrun processes starting on a fresh store at
+    once (parallel runs, joblib sweeps) otherwise race and fail with "table already exists" or "database is
+    locked". The first process migrates while the others wait; after that sqlite's own locking suffices.
+    """
+    import fcntl
+
+    from mlflow.tracking import MlflowClient
+
+    lock_path = f"{db_path}.cnnrun-lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # forces the store (and its migrations) into being
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def _tracking_errors():

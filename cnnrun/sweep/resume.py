@@ -44,10 +44,10 @@ def find_finished(uri: str, experiment: str, config_hash: str, task: str, object
     A store that cannot be read answers None: the run start that follows reports the problem clearly.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from cnnrun.tracking import connect
 
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = connect(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return None
