@@ -10,7 +10,7 @@ H×W×C map in H·W·C order; for a layer fed by a flatten, the feature axis is 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -24,6 +24,22 @@ def _hwc_to_chw_index(chw) -> np.ndarray:
     """perm such that vector_chw = vector_hwc[perm]."""
     c, h, w = chw
     return np.arange(c * h * w).reshape(h, w, c).transpose(2, 0, 1).reshape(-1)
+
+
+def flatten_permutation(model: CompiledModel) -> Optional[np.ndarray]:
+    """For channels-last frameworks: the index array that puts the model's output in canonical order, or None.
+
+    Needed only when a flattened feature map reaches the output with no dense layer after the flatten (e.g.
+    conv → flatten → softmax); a dense or batchnorm in between has its weights permuted instead. Apply it as
+    ``output[:, perm]``.
+    """
+    flattened = None
+    for layer in model.layers:
+        if layer.type == "flatten" and len(layer.in_shape) == 3:
+            flattened = layer.in_shape
+        elif layer.type == "dense":
+            flattened = None
+    return None if flattened is None else _hwc_to_chw_index(flattened)
 
 
 def to_canonical(model: CompiledModel, native: Dict[str, np.ndarray], layout: str) -> Dict[str, np.ndarray]:
@@ -41,13 +57,13 @@ def _convert(model: CompiledModel, tensors, layout: str, to_native: bool) -> Dic
     if layout == CHANNELS_FIRST:
         return out
     for layer in model.walk():
-        names = [f"{layer.name}/{w}" for w in (*layer.weights, *layer.states)]
-        if layer.type == "conv2d":
-            key = f"{layer.name}/kernel"
+        # Only the tensors present are converted: optimizer slots, for example, exist for trainable ones only.
+        names = [n for n in (f"{layer.name}/{w}" for w in (*layer.weights, *layer.states)) if n in out]
+        key = f"{layer.name}/kernel"
+        if layer.type == "conv2d" and key in out:
             # OIHW → HWIO is transpose(2, 3, 1, 0); its inverse is transpose(3, 2, 0, 1).
             out[key] = out[key].transpose((2, 3, 1, 0) if to_native else (3, 2, 0, 1))
-        elif layer.type == "dense":
-            key = f"{layer.name}/kernel"
+        elif layer.type == "dense" and key in out:
             kernel = out[key]
             if not to_native:
                 kernel = kernel.T  # (in, out) → (out, in)

@@ -1,0 +1,524 @@
+"""Keras 3 backend: a functional ``keras.Model`` of Keras layers, NHWC, on Keras's TensorFlow or PyTorch backend.
+
+Keras fixes its backend when it is first imported (``KERAS_BACKEND``), so this module imports Keras only when a
+runner is created, after setting ``KERAS_BACKEND`` from ``framework.backend``; a process that already imported
+Keras with another backend gets a clear error. Training goes through cnnrun's shared trainer, not ``model.fit``:
+
+- on TensorFlow, the model runs inside the TensorFlow backend's ``tf.function`` train step (GradientTape over
+  the model's variables, cnnrun's PyTorch-rule Adam/SGD), see :class:`cnnrun.backends.tensorflow.TensorFlowRunner`;
+- on PyTorch, the model is called eagerly on torch tensors, ``loss.backward()`` fills the Keras variables'
+  ``torch.nn.Parameter`` gradients and ``torch.optim`` updates them (the same optimizer as framework=torch).
+
+Padding is explicit wherever a Keras backend could disagree with the spec's TensorFlow semantics: padded max
+pooling pads with -inf, padded average pooling divides by each window's real cells (Keras 3's torch backend
+counts replicated cells for uneven 'same' pooling, keras-team/keras#19721). Batchnorm updates its running
+variance with the unbiased batch variance, as PyTorch and the TensorFlow backend do (Keras itself uses the
+biased one).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from cnnrun.errors import UserError, one_of
+from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.spec import CompiledLayer, CompiledModel
+from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
+
+LAYOUT = CHANNELS_LAST
+KERAS_BACKENDS = ("tensorflow", "torch")
+
+
+# --------------------------------------------------------------------------------------------------- import
+
+
+def import_keras(backend: str):
+    """Import Keras on ``backend`` (setting KERAS_BACKEND first), or explain why this process cannot."""
+    if backend not in KERAS_BACKENDS:
+        raise UserError(f"framework.backend={backend!r} is not supported; use {one_of(KERAS_BACKENDS)}")
+    loaded = sys.modules.get("keras")
+    if loaded is not None:
+        active = loaded.backend.backend()
+        if active != backend:
+            raise UserError(
+                f"framework.backend={backend}: Keras was already imported in this process with its {active} "
+                "backend, and Keras cannot switch backends once imported; run in a new process"
+            )
+        return loaded
+    os.environ["KERAS_BACKEND"] = backend
+    if backend == "tensorflow":
+        import cnnrun.backends.tensorflow  # noqa: F401  (imports TensorFlow with its start-up noise filtered)
+    import keras
+
+    return keras
+
+
+def _keras():
+    keras = sys.modules.get("keras")
+    if keras is None:
+        keras = import_keras(os.environ.get("KERAS_BACKEND", "tensorflow"))
+    return keras
+
+
+def framework_version() -> str:
+    """Keras's version and the backend it runs on, e.g. ``3.15.1 (tensorflow 2.21.0)``."""
+    keras = _keras()
+    backend = keras.backend.backend()
+    engine = sys.modules[backend]
+    return f"{keras.__version__} ({backend} {engine.__version__})"
+
+
+# --------------------------------------------------------------------------------------------------- layers
+
+
+def _real_cell_counts(n: int, kernel: int, stride: int, before: int, out: int) -> np.ndarray:
+    """How many of each window's cells along one axis are real (not padding)."""
+    starts = np.arange(out) * stride - before
+    return np.minimum(starts + kernel, n) - np.maximum(starts, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def custom_layers() -> SimpleNamespace:
+    """The few layers Keras lacks, defined once Keras is imported (their base classes come from it)."""
+    keras = _keras()
+    ops = keras.ops
+
+    class ConstantPadding2D(keras.layers.Layer):
+        """Pads H and W by ((top, bottom), (left, right)) with a constant (-inf for max pooling)."""
+
+        def __init__(self, pads, value: float, **kwargs):
+            super().__init__(**kwargs)
+            (top, bottom), (left, right) = pads
+            self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
+            self.value = value
+
+        def call(self, x):
+            return ops.pad(x, self.paddings, constant_values=self.value)
+
+        def compute_output_shape(self, shape):
+            n, h, w, c = shape
+            (_, rows, cols, _) = self.paddings
+            return (n, None if h is None else h + sum(rows), None if w is None else w + sum(cols), c)
+
+    class RealCellAveragePooling2D(keras.layers.Layer):
+        """Average pooling over zero-padded windows, rescaled so each output averages its real cells only."""
+
+        def __init__(self, size, strides, pads, in_hw, **kwargs):
+            super().__init__(**kwargs)
+            self.size, self.strides = tuple(size), tuple(strides)
+            (top, bottom), (left, right) = pads
+            self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
+            out = [(n + sum(p) - k) // s + 1 for n, p, k, s in zip(in_hw, pads, self.size, self.strides)]
+            rows = _real_cell_counts(in_hw[0], self.size[0], self.strides[0], top, out[0])
+            cols = _real_cell_counts(in_hw[1], self.size[1], self.strides[1], left, out[1])
+            scale = (self.size[0] * self.size[1]) / np.outer(rows, cols)
+            self.scale = scale.reshape(1, out[0], out[1], 1).astype(np.float32)  # a constant, not a weight
+
+        def call(self, x):
+            pooled = ops.average_pool(ops.pad(x, self.paddings), self.size, self.strides, padding="valid")
+            return pooled * ops.convert_to_tensor(self.scale)
+
+        def compute_output_shape(self, shape):
+            return (shape[0], self.scale.shape[1], self.scale.shape[2], shape[3])
+
+    class BatchNormalization(keras.layers.BatchNormalization):
+        """Keras's batchnorm layer (same weights and count), computed as ``(x - mean)·γ/√(var + ε) + β``.
+
+        Two changes to Keras's ``call``: the running variance is updated with the unbiased batch variance (as
+        PyTorch), and the mean is subtracted before scaling. Keras's TensorFlow backend computes
+        ``x·s + (β - mean·s)``, which cancels catastrophically when a channel's mean is large against its
+        spread (e.g. right after the first conv): gradients of the layers before it were then 0.5 % off.
+        """
+
+        def call(self, inputs, training=None, mask=None):
+            x = ops.cast(inputs, "float32")
+            if training and self.trainable:
+                mean, variance = ops.moments(x, axes=self._reduction_axes)
+                n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
+                unbiased = variance * n / ops.maximum(n - 1.0, 1.0)
+                keep = self.momentum
+                self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))
+                self.moving_variance.assign(self.moving_variance * keep + unbiased * (1.0 - keep))
+            else:
+                mean, variance = self.moving_mean, self.moving_variance
+            scale = self.gamma * ops.rsqrt(variance + self.epsilon)
+            return ops.cast((x - mean) * scale + self.beta, self.compute_dtype)
+
+    class TakeFeatures(keras.layers.Layer):
+        """Reorders features (puts a flattened H·W·C vector that reaches the output in C·H·W order)."""
+
+        def __init__(self, perm, **kwargs):
+            super().__init__(**kwargs)
+            self.perm = np.asarray(perm, np.int32)
+
+        def call(self, x):
+            return ops.take(x, ops.convert_to_tensor(self.perm), axis=1)
+
+    return SimpleNamespace(
+        ConstantPadding2D=ConstantPadding2D,
+        RealCellAveragePooling2D=RealCellAveragePooling2D,
+        BatchNormalization=BatchNormalization,
+        TakeFeatures=TakeFeatures,
+    )
+
+
+def activation_fn(name: str) -> Optional[Callable]:
+    """cnnrun's activation names → Keras activations with cnnrun's constants (None for linear)."""
+    acts = _keras().activations
+    return {
+        "linear": None,
+        "relu": acts.relu,
+        "tanh": acts.tanh,
+        "sigmoid": acts.sigmoid,
+        "elu": lambda x: acts.elu(x, alpha=ELU_ALPHA),
+        "leaky_relu": lambda x: acts.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE),
+    }[name]
+
+
+class Builder:
+    """Wires Keras layers for compiled layers and records each weight under its canonical name."""
+
+    def __init__(self, seed: int):
+        self.keras = _keras()
+        self.custom = custom_layers()
+        self.seed = seed
+        self.tensors: Dict[str, object] = {}  # canonical name → Keras variable
+        self.trainable_names: List[str] = []
+        self.seed_generators: Dict[str, object] = {}  # canonical dropout name → its keras SeedGenerator
+
+    def register(self, layer: CompiledLayer, **variables) -> None:
+        for param, var in variables.items():
+            if var is None:
+                continue
+            name = f"{layer.name}/{param}"
+            self.tensors[name] = var
+            if var.trainable:
+                self.trainable_names.append(name)
+
+    def build(self, layer: CompiledLayer, x):
+        return BUILDERS[layer.type](self, layer, x)
+
+    @staticmethod
+    def keras_name(layer: CompiledLayer, suffix: str = "") -> str:
+        return layer.name.replace("/", "__") + suffix  # Keras names cannot contain '/'
+
+
+def _has_pads(layer: CompiledLayer) -> bool:
+    return any(sum(p) for p in layer.pads)
+
+
+def _conv(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    if spec.padding == "same":
+        padding = "same"  # Keras's 'same' is TensorFlow's rule on both backends (tests/backends checks it)
+    else:
+        if _has_pads(layer):
+            x = b.keras.layers.ZeroPadding2D(layer.pads, name=b.keras_name(layer, "__pad"))(x)
+        padding = "valid"
+    conv = b.keras.layers.Conv2D(
+        spec.filters, spec.kernel, strides=spec.stride, padding=padding, activation=activation_fn(spec.activation),
+        use_bias=spec.bias, name=b.keras_name(layer),
+    )
+    y = conv(x)
+    b.register(layer, kernel=conv.kernel, bias=conv.bias if spec.bias else None)
+    return y
+
+
+def _maxpool(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    if _has_pads(layer):
+        x = b.custom.ConstantPadding2D(layer.pads, -math.inf, name=b.keras_name(layer, "__pad"))(x)
+    return b.keras.layers.MaxPooling2D(spec.size, spec.strides, padding="valid", name=b.keras_name(layer))(x)
+
+
+def _avgpool(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    if _has_pads(layer):
+        pool = b.custom.RealCellAveragePooling2D(
+            spec.size, spec.strides, layer.pads, layer.in_shape[1:], name=b.keras_name(layer)
+        )
+        return pool(x)
+    return b.keras.layers.AveragePooling2D(spec.size, spec.strides, padding="valid", name=b.keras_name(layer))(x)
+
+
+def _global_avgpool(b: Builder, layer: CompiledLayer, x):
+    return b.keras.layers.GlobalAveragePooling2D(name=b.keras_name(layer))(x)
+
+
+def _flatten(b: Builder, layer: CompiledLayer, x):
+    # H·W·C order; cnnrun.layout permutes the weights of the dense/batchnorm that follows.
+    return b.keras.layers.Flatten(name=b.keras_name(layer))(x)
+
+
+def _dense(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    dense = b.keras.layers.Dense(
+        spec.units, activation=activation_fn(spec.activation), use_bias=spec.bias, name=b.keras_name(layer)
+    )
+    y = dense(x)
+    b.register(layer, kernel=dense.kernel, bias=dense.bias if spec.bias else None)
+    return y
+
+
+def _dropout(b: Builder, layer: CompiledLayer, x):
+    b.seed += 1  # one seeded stream per dropout layer
+    dropout = b.keras.layers.Dropout(layer.spec.rate, seed=b.seed, name=b.keras_name(layer))
+    if getattr(dropout, "seed_generator", None) is not None:  # Keras makes none for rate 0
+        b.seed_generators[layer.name] = dropout.seed_generator
+    return dropout(x)
+
+
+def _batchnorm(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    bn = b.custom.BatchNormalization(axis=-1, momentum=spec.momentum, epsilon=spec.epsilon, name=b.keras_name(layer))
+    y = bn(x)
+    b.register(layer, gamma=bn.gamma, beta=bn.beta, moving_mean=bn.moving_mean, moving_variance=bn.moving_variance)
+    return y
+
+
+def _activation(b: Builder, layer: CompiledLayer, x):
+    fn = activation_fn(layer.spec.fn)
+    return x if fn is None else b.keras.layers.Activation(fn, name=b.keras_name(layer))(x)
+
+
+def _softmax(b: Builder, layer: CompiledLayer, x):
+    return x  # fused into the loss; predictions apply it
+
+
+def _residual(b: Builder, layer: CompiledLayer, x):
+    y = x
+    for child in layer.body:
+        y = b.build(child, y)
+    shortcut = b.build(layer.shortcut, x) if layer.shortcut else x
+    y = b.keras.layers.Add(name=b.keras_name(layer, "__add"))([y, shortcut])
+    fn = activation_fn(layer.spec.activation)
+    return y if fn is None else b.keras.layers.Activation(fn, name=b.keras_name(layer))(y)
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (builder, layer, input tensor) → output tensor.
+BUILDERS = {
+    "conv2d": _conv,
+    "maxpool": _maxpool,
+    "avgpool": _avgpool,
+    "global_avgpool": _global_avgpool,
+    "flatten": _flatten,
+    "dense": _dense,
+    "dropout": _dropout,
+    "batchnorm": _batchnorm,
+    "activation": _activation,
+    "softmax": _softmax,
+    "residual": _residual,
+}
+
+
+def build_model(model: CompiledModel, seed: int) -> Tuple[object, Builder]:
+    """The compiled model as a functional ``keras.Model`` taking normalised (N, H, W, C) float32 images."""
+    b = Builder(seed)
+    c, h, w = model.input_shape
+    inputs = b.keras.Input(shape=(h, w, c), name="images")
+    x = inputs
+    for layer in model.layers:
+        x = b.build(layer, x)
+    perm = flatten_permutation(model)
+    if perm is not None:
+        x = b.custom.TakeFeatures(perm, name="canonical_order")(x)
+    return b.keras.Model(inputs, x, name=model.name), b
+
+
+def random_state(builder: Builder) -> Dict[str, np.ndarray]:
+    """The dropout layers' seed-generator states, so that a resumed run draws the masks it would have drawn."""
+    return {f"rng/keras/{name}": np.asarray(gen.state.numpy()) for name, gen in builder.seed_generators.items()}
+
+
+def set_random_state(builder: Builder, state: Dict[str, np.ndarray]) -> None:
+    """Restore what :func:`random_state` returned (generators it does not mention are left alone)."""
+    for name, gen in builder.seed_generators.items():
+        key = f"rng/keras/{name}"
+        if key in state:
+            gen.state.assign(np.asarray(state[key]).astype(gen.state.dtype))
+
+
+# --------------------------------------------------------------------------------------------------- TensorFlow
+
+
+class _TensorFlowVariables:
+    """The Keras model's tf.Variables in the shape :class:`cnnrun.backends.tensorflow.TensorFlowRunner` uses."""
+
+    def __init__(self, builder: Builder):
+        self.by_name = {name: var.value for name, var in builder.tensors.items()}
+        self.trainable_names = list(builder.trainable_names)
+        self.trainable = [self.by_name[name] for name in self.trainable_names]
+
+
+class KerasTensorFlowNetwork:
+    """A Keras model behind the TensorFlow backend's network interface (``variables``, ``__call__``)."""
+
+    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
+        self.keras_model, self.builder = build_model(model, seed)
+        self.variables = _TensorFlowVariables(self.builder)
+        for name, var in self.variables.by_name.items():
+            var.assign(initial[name])
+
+    def random_state(self) -> Dict[str, np.ndarray]:
+        return random_state(self.builder)
+
+    def set_random_state(self, state: Dict[str, np.ndarray]) -> None:
+        set_random_state(self.builder, state)
+
+    def __call__(self, x, training: bool):
+        return self.keras_model(x, training=training)
+
+
+def _tensorflow_runner(model, optimizer, options, device, seed, mean, std):
+    from cnnrun.backends.tensorflow import TensorFlowRunner
+
+    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork)
+    runner.keras_model = runner.net.keras_model
+    return runner
+
+
+# --------------------------------------------------------------------------------------------------- PyTorch
+
+
+class KerasTorchRunner:
+    """The Runner protocol for a Keras model on Keras's torch backend: eager calls, autograd, ``torch.optim``."""
+
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+        import torch
+
+        from cnnrun.backends.torch import resolve_device
+        from cnnrun.spec.init import initial_weights
+
+        if options.jit_compile:
+            raise UserError(
+                "framework.jit_compile=true needs framework.backend=tensorflow (XLA); Keras models on the "
+                "torch backend run eagerly here"
+            )
+        self.torch = torch
+        self.model = model
+        self.device = resolve_device(device)
+        if self.device.type == "cpu" and device.threads:
+            torch.set_num_threads(device.threads)
+        torch.manual_seed(seed)
+        self.keras = _keras()
+        self.scope = str(self.device)
+        with self.keras.device(self.scope):
+            self.keras_model, self.builder = build_model(model, seed)
+        self.tensors = self.builder.tensors
+        self.trainable_names = self.builder.trainable_names
+        self.set_weights(initial_weights(model, seed))
+        shape = (1, 1, 1, len(mean))
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
+        self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
+        self.params = [self.tensors[name].value for name in self.trainable_names]
+        self.optimizer = _torch_optimizer(torch, self.params, optimizer)
+        self._zero_metrics()
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
+
+    def _zero_metrics(self) -> None:
+        self._loss_sum = self.torch.zeros((), device=self.device)
+        self._correct = self.torch.zeros((), dtype=self.torch.int64, device=self.device)
+        self._count = 0
+
+    def _inputs(self, images: np.ndarray):
+        x = self.torch.from_numpy(images).to(self.device, non_blocking=True).float()
+        return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        import torch.nn.functional as F
+
+        y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
+        with self.keras.device(self.scope):
+            logits = self.keras_model(self._inputs(images), training=True)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with self.torch.no_grad():
+            self._loss_sum += loss.detach() * len(labels)
+            self._correct += (logits.argmax(1) == y).sum()
+        self._count += len(labels)
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        count = self._count
+        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
+        self._zero_metrics()
+        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad(), self.keras.device(self.scope):
+            logits = self.keras_model(self._inputs(images), training=False)
+        return logits.float().cpu().numpy()
+
+    def get_weights(self) -> Dict[str, np.ndarray]:
+        native = {name: var.value.detach().cpu().numpy() for name, var in self.tensors.items()}
+        return to_canonical(self.model, native, LAYOUT)
+
+    def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
+        native = from_canonical(self.model, weights, LAYOUT)
+        for name, var in self.tensors.items():
+            var.assign(native[name])
+
+    def get_training_state(self) -> Dict[str, np.ndarray]:
+        """torch.optim's slots under PyTorch's names, converted to canonical layout (as the torch backend's)."""
+        by_slot: Dict[str, Dict[str, np.ndarray]] = {}
+        for name, param in zip(self.trainable_names, self.params):
+            for slot, value in self.optimizer.state.get(param, {}).items():
+                by_slot.setdefault(slot, {})[name] = value.detach().cpu().numpy().astype(np.float32)
+        state: Dict[str, np.ndarray] = random_state(self.builder)
+        for slot, native in by_slot.items():
+            if slot == "step":
+                state.update({f"{name}/step": value for name, value in native.items()})
+            else:
+                state.update({f"{n}/{slot}": v for n, v in to_canonical(self.model, native, LAYOUT).items()})
+        return state
+
+    def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
+        torch = self.torch
+        set_random_state(self.builder, state)
+        trainable = set(self.trainable_names)
+        by_slot: Dict[str, Dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            name, slot = key.rsplit("/", 1)
+            if name in trainable:
+                by_slot.setdefault(slot, {})[name] = value
+        native = {
+            slot: values if slot == "step" else from_canonical(self.model, values, LAYOUT)
+            for slot, values in by_slot.items()
+        }
+        for name, param in zip(self.trainable_names, self.params):
+            slots = {slot: values[name] for slot, values in native.items() if name in values}
+            if slots:
+                self.optimizer.state[param] = {
+                    slot: torch.from_numpy(np.asarray(v, np.float32)).to(self.device) for slot, v in slots.items()
+                }
+
+
+def _torch_optimizer(torch, params, cfg):
+    """The same torch.optim update as framework=torch (fused kernels)."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
+        )
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True
+    )
+
+
+# --------------------------------------------------------------------------------------------------- entry
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std):
+    """A Keras runner on ``options.backend``; importing Keras here (not at module import) honours that choice."""
+    import_keras(options.backend)
+    if options.backend == "tensorflow":
+        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std)
+    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std)

@@ -1,0 +1,547 @@
+"""TensorFlow backend: low-level TensorFlow 2 — ``tf.Variable`` weights and ``tf.nn`` ops, NHWC, no Keras.
+
+Each compiled layer becomes a plain function ``(x, training) -> y`` over variables held in a :class:`Network`.
+The training step is one ``tf.function`` over a ``GradientTape`` (XLA with ``framework.jit_compile=true``; off by
+default because it measured slower on CPU, see benchmarks/RESULTS.md). Adam and SGD are written here with
+PyTorch's update rules, so the same hyperparameters give the same steps in every framework.
+
+Semantics follow the compiler (:mod:`cnnrun.spec`): TensorFlow's own 'same'/'valid' rules are used where they
+give the compiled padding; other paddings are explicit. Batchnorm normalises with the biased batch variance and,
+like PyTorch, updates its running variance with the unbiased one (what ``FusedBatchNormV3`` returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import tempfile
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from cnnrun.errors import UserError
+from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.spec import CompiledLayer, CompiledModel
+from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
+
+# TensorFlow's C++ runtime logs to stderr while importing and probing for CUDA; none of it helps a cnnrun user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# absl prints lines like "I0000 00:00:17… cudart_stub.cc:31] Could not find cuda drivers…" before it reads any
+# log-level setting, so they are filtered out of stderr at the file-descriptor level while TensorFlow starts.
+_ABSL_NOISE = re.compile(r"^(?:[IWE]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog)")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Swallow the native runtime's start-up log lines on fd 2; anything else written there is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode(errors="replace").splitlines(True)
+            kept = [line for line in lines if not _ABSL_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _import_tensorflow():
+    """``import tensorflow`` without its start-up noise, and without Keras when Keras is not loaded yet.
+
+    TensorFlow's ``__init__`` eagerly imports ``keras.src.optimizers`` (only to register them for SavedModel)
+    and ignores an ImportError there. That import is half of TensorFlow's start-up time, and it would fix
+    Keras's backend from the user's KERAS_BACKEND (=torch would pull PyTorch into framework=tensorflow), so
+    Keras is masked while TensorFlow loads; ``import keras`` later (framework=keras) works as usual.
+    """
+    mask_keras = "keras" not in sys.modules
+    if mask_keras:
+        sys.modules["keras"] = None  # makes `import keras…` raise ImportError at once
+    try:
+        with quiet_native_stderr():
+            import tensorflow
+
+            gpus = tensorflow.config.list_physical_devices("GPU")  # probes CUDA now, while stderr is filtered
+    finally:
+        if mask_keras and "keras" in sys.modules and sys.modules["keras"] is None:
+            del sys.modules["keras"]
+    return tensorflow, gpus
+
+
+tf, GPUS = _import_tensorflow()
+
+LAYOUT = CHANNELS_LAST
+Op = Callable[[tf.Tensor, bool], tf.Tensor]
+
+
+def framework_version() -> str:
+    """TensorFlow's version, e.g. ``2.21.0``."""
+    return tf.__version__
+
+
+# --------------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(device) -> Tuple[str, str]:
+    """cpu / cuda / cuda:N / auto → (TensorFlow device string, readable name), or a UserError saying why not."""
+    if device.kind == "cpu" or (device.kind == "auto" and not GPUS):
+        return "/CPU:0", "cpu"
+    if not GPUS:
+        cuda = "with" if tf.test.is_built_with_cuda() else "without"
+        raise UserError(
+            f"device={device.name}: TensorFlow {tf.__version__} (built {cuda} CUDA) sees no usable GPU; "
+            "use device=cpu or device=auto"
+        )
+    index = device.cuda_index
+    if index >= len(GPUS):
+        raise UserError(f"device=cuda:{index}: TensorFlow sees only {len(GPUS)} GPU(s)")
+    details = tf.config.experimental.get_device_details(GPUS[index])
+    return f"/GPU:{index}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
+
+
+def configure_threads(threads: Optional[int]) -> None:
+    """device.threads → TensorFlow's thread pools (possible only before its runtime starts in this process)."""
+    if not threads:
+        return
+    if tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        warnings.warn(
+            f"device.threads={threads} ignored: TensorFlow's runtime had already started in this process",
+            stacklevel=2,
+        )
+
+
+# --------------------------------------------------------------------------------------------------- layers
+
+
+def _elu(x):
+    return tf.nn.elu(x) if ELU_ALPHA == 1.0 else tf.where(x > 0, x, ELU_ALPHA * tf.math.expm1(x))
+
+
+ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "linear": tf.identity,
+    "relu": tf.nn.relu,
+    "tanh": tf.tanh,
+    "sigmoid": tf.sigmoid,
+    "elu": _elu,
+    "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+}
+
+
+class Variables:
+    """The model's tf.Variables by canonical name, created from initial values already in NHWC layout."""
+
+    def __init__(self, initial: Dict[str, np.ndarray]):
+        self.initial = initial
+        self.by_name: Dict[str, tf.Variable] = {}
+        self.trainable: List[tf.Variable] = []
+        self.trainable_names: List[str] = []
+
+    def add(self, name: str, trainable: bool = True) -> tf.Variable:
+        var = tf.Variable(self.initial[name], trainable=trainable, name=name.replace("/", "__"))
+        self.by_name[name] = var
+        if trainable:
+            self.trainable.append(var)
+            self.trainable_names.append(name)
+        return var
+
+
+def _explicit_pads(layer: CompiledLayer) -> List[List[int]]:
+    (top, bottom), (left, right) = layer.pads
+    return [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+
+def _has_pads(layer: CompiledLayer) -> bool:
+    return any(sum(p) for p in layer.pads)
+
+
+def _conv_padding(layer: CompiledLayer):
+    """TensorFlow's own 'SAME'/'VALID' where they give the compiled pads (they do by definition), else explicit."""
+    if layer.spec.padding == "same":
+        return "SAME"
+    return _explicit_pads(layer) if _has_pads(layer) else "VALID"
+
+
+def _conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    spec = layer.spec
+    kernel = variables.add(f"{layer.name}/kernel")
+    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
+
+    def conv(x, training):
+        y = tf.nn.conv2d(x, kernel, strides, padding)
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return conv
+
+
+def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    spec = layer.spec
+    ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
+    if spec.padding == "same" or not _has_pads(layer):
+        # TF's 'SAME' max pooling ignores padded cells, which is the compiled -inf padding.
+        padding = "SAME" if spec.padding == "same" else "VALID"
+        return lambda x, training: tf.nn.max_pool2d(x, ksize, strides, padding)
+    pads = _explicit_pads(layer)
+    return lambda x, training: tf.nn.max_pool2d(tf.pad(x, pads, constant_values=-math.inf), ksize, strides, "VALID")
+
+
+def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    spec = layer.spec
+    ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
+    if spec.padding == "same" or not _has_pads(layer):
+        # TF's 'SAME' average pooling divides by the real cells of each window, as the spec requires.
+        padding = "SAME" if spec.padding == "same" else "VALID"
+        return lambda x, training: tf.nn.avg_pool2d(x, ksize, strides, padding)
+    # Explicit int padding: average over zero-padded windows, then rescale each window by k / (its real cells).
+    pads = _explicit_pads(layer)
+    ones = tf.pad(tf.ones((1, *layer.in_shape[1:], 1)), pads)
+    scale = tf.constant(1.0 / tf.nn.avg_pool2d(ones, ksize, strides, "VALID").numpy())
+    return lambda x, training: tf.nn.avg_pool2d(tf.pad(x, pads), ksize, strides, "VALID") * scale
+
+
+def _global_avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    return lambda x, training: tf.reduce_mean(x, axis=(1, 2))
+
+
+def _flatten(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    # NHWC flattens in H·W·C order; cnnrun.layout permutes the weights of the dense/batchnorm that follows.
+    size = int(np.prod(layer.out_shape))
+    return lambda x, training: tf.reshape(x, (-1, size))
+
+
+def _dense(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    spec = layer.spec
+    kernel = variables.add(f"{layer.name}/kernel")
+    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    act = ACTIVATIONS[spec.activation]
+
+    def dense(x, training):
+        y = tf.matmul(x, kernel)
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return dense
+
+
+def _dropout(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    rate = layer.spec.rate
+    if rate == 0.0:
+        return lambda x, training: x
+
+    def dropout(x, training):
+        if not training:
+            return x
+        keep = rng.uniform(tf.shape(x)) >= rate  # the runner's seeded generator: same masks for the same seed
+        return tf.where(keep, x * (1.0 / (1.0 - rate)), tf.zeros_like(x))
+
+    return dropout
+
+
+def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    name, spec = layer.name, layer.spec
+    gamma, beta = variables.add(f"{name}/gamma"), variables.add(f"{name}/beta")
+    mean_var = variables.add(f"{name}/moving_mean", trainable=False)
+    var_var = variables.add(f"{name}/moving_variance", trainable=False)
+    keep = spec.momentum  # Keras's convention: running = keep·running + (1 - keep)·batch
+    feature_map = len(layer.in_shape) == 3
+
+    def update(batch_mean, batch_var_unbiased):
+        mean_var.assign(keep * mean_var + (1.0 - keep) * batch_mean)
+        var_var.assign(keep * var_var + (1.0 - keep) * batch_var_unbiased)
+
+    def batchnorm_map(x, training):
+        # One fused kernel. In training it normalises with the biased batch variance and returns the unbiased one.
+        y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=None if training else mean_var, variance=None if training else var_var,
+            epsilon=spec.epsilon, data_format="NHWC", is_training=training,
+        )
+        if training:
+            update(batch_mean, batch_var)
+        return y
+
+    def batchnorm_vector(x, training):
+        if training:
+            mean, variance = tf.nn.moments(x, axes=[0])
+            n = tf.cast(tf.shape(x)[0], x.dtype)
+            update(mean, variance * n / tf.maximum(n - 1.0, 1.0))  # unbiased, as PyTorch
+        else:
+            mean, variance = mean_var, var_var
+        # (x - mean)·s, not tf.nn.batch_normalization's x·s - mean·s, which cancels when |mean| ≫ spread.
+        return (x - mean) * (gamma * tf.math.rsqrt(variance + spec.epsilon)) + beta
+
+    return batchnorm_map if feature_map else batchnorm_vector
+
+
+def _activation(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    act = ACTIVATIONS[layer.spec.fn]
+    return lambda x, training: act(x)
+
+
+def _identity(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    return lambda x, training: x
+
+
+def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    body = [build_layer(child, variables, rng) for child in layer.body]
+    shortcut = build_layer(layer.shortcut, variables, rng) if layer.shortcut else None
+    act = ACTIVATIONS[layer.spec.activation]
+
+    def residual(x, training):
+        y = x
+        for op in body:
+            y = op(y, training)
+        return act(y + (shortcut(x, training) if shortcut is not None else x))
+
+    return residual
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, variables, rng) → op(x, training).
+BUILDERS: Dict[str, Callable[[CompiledLayer, Variables, "tf.random.Generator"], Op]] = {
+    "conv2d": _conv,
+    "maxpool": _maxpool,
+    "avgpool": _avgpool,
+    "global_avgpool": _global_avgpool,
+    "flatten": _flatten,
+    "dense": _dense,
+    "dropout": _dropout,
+    "batchnorm": _batchnorm,
+    "activation": _activation,
+    "softmax": _identity,  # fused into the loss; predictions apply it
+    "residual": _residual,
+}
+
+
+def build_layer(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    """The op for one compiled layer (its variables are added to ``variables``)."""
+    return BUILDERS[layer.type](layer, variables, rng)
+
+
+class Network:
+    """The compiled model as a chain of ops over NHWC tensors; ``variables.by_name`` holds every tensor."""
+
+    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.variables = Variables(initial)
+        self.ops = [build_layer(layer, self.variables, self.rng) for layer in model.layers]
+        perm = flatten_permutation(model)
+        self.output_perm = None if perm is None else tf.constant(perm)
+
+    def random_state(self) -> Dict[str, np.ndarray]:
+        """The dropout generator's state, so that a resumed run draws the masks it would have drawn."""
+        return {"rng/tensorflow": self.rng.state.numpy()}
+
+    def set_random_state(self, state: Dict[str, np.ndarray]) -> None:
+        if "rng/tensorflow" in state:
+            self.rng.reset(np.asarray(state["rng/tensorflow"], np.int64))
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        for op in self.ops:
+            x = op(x, training)
+        if self.output_perm is not None:  # a flattened map reaches the output: put it in canonical C·H·W order
+            x = tf.gather(x, self.output_perm, axis=1)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------- optimizers
+
+
+class Adam:
+    """PyTorch's Adam (L2 ``weight_decay`` added to the gradient; ``eps`` added to the bias-corrected √v).
+
+    TensorFlow's fused ``ResourceApplyAdam`` kernel computes ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m / (√v + ε')``; with
+    ``ε' = eps·√(1-β₂ᵗ)`` that is exactly ``lr/(1-β₁ᵗ) · m / (√v/√(1-β₂ᵗ) + eps)``, PyTorch's formula.
+    """
+
+    SLOTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, cfg, variables: List[tf.Variable]):
+        self.cfg = cfg
+        self.step = tf.Variable(0.0, trainable=False, name="adam_step")
+        self.slots = [{s: tf.Variable(tf.zeros_like(v), trainable=False) for s in self.SLOTS} for v in variables]
+
+    def apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        cfg = self.cfg
+        step = self.step.assign_add(1.0)
+        beta1_power, beta2_power = tf.pow(cfg.beta1, step), tf.pow(cfg.beta2, step)
+        epsilon = cfg.eps * tf.sqrt(1.0 - beta2_power)
+        for grad, var, slots in zip(grads, variables, self.slots):
+            if cfg.weight_decay:
+                grad = grad + cfg.weight_decay * var
+            tf.raw_ops.ResourceApplyAdam(
+                var=var.handle, m=slots["exp_avg"].handle, v=slots["exp_avg_sq"].handle,
+                beta1_power=beta1_power, beta2_power=beta2_power, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                epsilon=epsilon, grad=grad,
+            )
+
+
+class SGD:
+    """PyTorch's SGD: ``buf = momentum·buf + g``; step ``lr·buf`` (or ``lr·(g + momentum·buf)`` with Nesterov).
+
+    TensorFlow's ``ResourceApplyMomentum`` kernel is that rule exactly (no dampening, Nesterov as PyTorch's).
+    """
+
+    def __init__(self, cfg, variables: List[tf.Variable]):
+        self.cfg = cfg
+        self.step = None  # SGD's rule needs no step count (PyTorch keeps none either)
+        self.SLOTS = ("momentum_buffer",) if cfg.momentum else ()
+        self.slots = [{s: tf.Variable(tf.zeros_like(v), trainable=False) for s in self.SLOTS} for v in variables]
+
+    def apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        cfg = self.cfg
+        for grad, var, slots in zip(grads, variables, self.slots):
+            if cfg.weight_decay:
+                grad = grad + cfg.weight_decay * var
+            if cfg.momentum:
+                tf.raw_ops.ResourceApplyMomentum(
+                    var=var.handle, accum=slots["momentum_buffer"].handle, lr=cfg.lr, grad=grad,
+                    momentum=cfg.momentum, use_nesterov=cfg.nesterov,
+                )
+            else:
+                var.assign_sub(cfg.lr * grad)
+
+
+OPTIMIZERS = {"adam": Adam, "sgd": SGD}
+
+
+def make_optimizer(cfg, variables: List[tf.Variable]):
+    """The optimizer config → an object with ``apply(grads, variables)`` and PyTorch-named slots."""
+    return OPTIMIZERS[cfg.name](cfg, variables)
+
+
+def optimizer_state(model: CompiledModel, optimizer, names: List[str]) -> Dict[str, np.ndarray]:
+    """Slots in canonical layout under PyTorch's names (``<tensor>/exp_avg``, ``<tensor>/step`` …)."""
+    state: Dict[str, np.ndarray] = {}
+    for slot in optimizer.SLOTS:
+        native = {name: slots[slot].numpy() for name, slots in zip(names, optimizer.slots)}
+        state.update({f"{name}/{slot}": value for name, value in to_canonical(model, native, LAYOUT).items()})
+    if optimizer.step is not None:
+        step = np.asarray(optimizer.step.numpy(), np.float32)
+        state.update({f"{name}/step": step.copy() for name in names})
+    return state
+
+
+def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state: Dict[str, np.ndarray]) -> None:
+    """Restore what :func:`optimizer_state` returned (missing slots keep their current values)."""
+    steps = [state[f"{name}/step"] for name in names if f"{name}/step" in state]
+    if steps and optimizer.step is not None:
+        optimizer.step.assign(float(np.asarray(steps[0]).reshape(())))
+    for slot in optimizer.SLOTS:
+        canonical = {name: state[f"{name}/{slot}"] for name in names if f"{name}/{slot}" in state}
+        native = from_canonical(model, canonical, LAYOUT)
+        for name, slots in zip(names, optimizer.slots):
+            if name in native:
+                slots[slot].assign(native[name])
+
+
+# --------------------------------------------------------------------------------------------------- runner
+
+
+def sparse_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    """Mean softmax cross-entropy of logits against integer labels (the softmax layer is fused in here)."""
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+class TensorFlowRunner:
+    """The Runner protocol over a network of tf.Variables: compiled train and predict functions, metrics on device.
+
+    ``network(model, initial_native_weights, seed)`` builds the model: :class:`Network` here; the Keras backend
+    passes a Keras functional model behind the same interface (``variables`` and ``__call__(x, training)``).
+    """
+
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std, network=None):
+        from cnnrun.spec.init import initial_weights
+
+        configure_threads(device.threads)
+        self.model = model
+        self.device, self.device_name = resolve_device(device)
+        with tf.device(self.device):
+            initial = from_canonical(model, initial_weights(model, seed), LAYOUT)
+            self.net = (network or Network)(model, initial, seed)
+            self.optimizer = make_optimizer(optimizer, self.net.variables.trainable)
+            self.mean = tf.constant(np.asarray(mean, np.float32))
+            self.inv_std = tf.constant(1.0 / np.asarray(std, np.float32))
+            self._loss_sum = tf.Variable(0.0, trainable=False)
+            self._correct = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._count = 0
+        c, h, w = model.input_shape
+        images = tf.TensorSpec((None, h, w, c), tf.uint8)
+        labels = tf.TensorSpec((None,), tf.int64)
+        # Fixed signatures: one trace serves every batch size, the last short batch included.
+        jit = bool(options.jit_compile)
+        self._train = tf.function(self._train_step, input_signature=[images, labels], jit_compile=jit)
+        self._predict = tf.function(self._logits, input_signature=[images], jit_compile=jit)
+
+    def _inputs(self, images: tf.Tensor) -> tf.Tensor:
+        return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
+
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> None:
+        variables = self.net.variables.trainable
+        with tf.GradientTape() as tape:
+            logits = self.net(self._inputs(images), training=True)
+            loss = sparse_cross_entropy(labels, logits)
+        self.optimizer.apply(tape.gradient(loss, variables), variables)
+        self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
+        self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
+
+    def _logits(self, images: tf.Tensor) -> tf.Tensor:
+        return self.net(self._inputs(images), training=False)
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        with tf.device(self.device):
+            self._train(images, labels.astype(np.int64, copy=False))
+        self._count += len(labels)
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        count = self._count
+        loss, correct = float(self._loss_sum.numpy()), int(self._correct.numpy())  # the sync
+        self._loss_sum.assign(0.0)
+        self._correct.assign(0)
+        self._count = 0
+        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        with tf.device(self.device):
+            return self._predict(images).numpy().astype(np.float32, copy=False)
+
+    def get_weights(self) -> Dict[str, np.ndarray]:
+        native = {name: var.numpy() for name, var in self.net.variables.by_name.items()}
+        return to_canonical(self.model, native, LAYOUT)
+
+    def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
+        native = from_canonical(self.model, weights, LAYOUT)
+        for name, var in self.net.variables.by_name.items():
+            var.assign(native[name])
+
+    def get_training_state(self) -> Dict[str, np.ndarray]:
+        """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""
+        state = optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names)
+        state.update(self.net.random_state())
+        return state
+
+    def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
+        set_optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names, state)
+        self.net.set_random_state(state)
+
+    @property
+    def trainable_variables(self) -> List[tf.Variable]:
+        return list(self.net.variables.trainable)
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std) -> TensorFlowRunner:
+    """The backend's entry point (see :func:`cnnrun.backends.create_runner`)."""
+    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std)

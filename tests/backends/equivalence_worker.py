@@ -1,0 +1,164 @@
+"""Run equivalence cases in ONE framework and write what it computed, for tests/backends/test_equivalence.py.
+
+    python tests/backends/equivalence_worker.py JOB.json OUT.npz
+
+Each framework runs in its own process: Keras picks its backend once per process, and TensorFlow and PyTorch
+loaded together can disagree about threads and allocators. The job names the framework (as in ``framework=``),
+its options, and cases; each case is a spec, an input shape, a data .npz (canonical weights under
+``weights/<name>``, ``images``, ``batch_images``/``batch_labels`` of shape (steps, batch, ...)) and commands:
+
+- ``info``: native parameter counts and per-layer output shapes where the framework can tell;
+- ``forward``: set the weights, ``predict_logits(images)``;
+- ``roundtrip``: set the weights, ``get_weights()``;
+- ``train``: a fresh runner with the command's optimizer (and optional ``spec``), set the weights, one
+  ``train_step`` + ``train_metrics`` per batch → per-step losses, then the final canonical weights;
+- ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state.
+
+Output keys: ``<case>/<command id>/<what>``, plus ``modules/<package>`` = 1 for each framework package the
+process ended up importing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+from cnnrun.backends import create_runner, validate_options
+from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.spec import CompiledModel, compile_model
+
+FRAMEWORK_PACKAGES = ("torch", "tensorflow", "keras", "chainer")
+
+
+def _torch_counts(runner) -> Dict[str, Any]:
+    return {"trainable": sum(p.numel() for p in runner.net.parameters() if p.requires_grad)}
+
+
+def _tensorflow_counts(runner) -> Dict[str, Any]:
+    return {"trainable": sum(int(np.prod(v.shape)) for v in runner.trainable_variables)}
+
+
+def _keras_counts(runner) -> Dict[str, Any]:
+    model = runner.keras_model
+    # Keras layers are named after canonical layers ('/' → '__'); helpers carry a suffix (__pad, __add).
+    shapes = {layer.name.replace("__", "/"): [int(d) for d in layer.output.shape[1:]] for layer in model.layers}
+    return {
+        "trainable": sum(int(np.prod(w.shape)) for w in model.trainable_weights),
+        "count_params": int(model.count_params()),
+        "layer_shapes": shapes,
+    }
+
+
+# How each framework counts its own parameters (a new framework without an entry reports none).
+NATIVE_COUNTS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
+    "torch": _torch_counts,
+    "tensorflow": _tensorflow_counts,
+    "keras": _keras_counts,
+}
+
+
+class Worker:
+    def __init__(self, job: Dict[str, Any]):
+        self.framework = job["framework"]
+        self.options = validate_options(self.framework, job.get("options", {}))
+        self.out: Dict[str, np.ndarray] = {}
+
+    def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any]):
+        return create_runner(
+            self.framework, model, OptimizerConfig(**optimizer), self.options, DeviceConfig(name="cpu"),
+            0, tuple(case["mean"]), tuple(case["std"]),
+        )
+
+    def run_case(self, case: Dict[str, Any]) -> None:
+        data = dict(np.load(case["data"]))
+        weights = {k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}
+        model = compile_model(case["spec"], tuple(case["input_shape"]), case["num_classes"])
+        default_opt = {"name": "sgd", "lr": 0.01}
+        shared = None  # one runner serves info, forward and roundtrip
+        for command in case["commands"]:
+            kind, key = command["kind"], f"{case['name']}/{command.get('id', command['kind'])}"
+            if kind == "train":
+                self.train(key, case, command, weights, data)
+                continue
+            if kind == "resume":
+                self.resume(key, case, command, weights, data)
+                continue
+            if shared is None:
+                shared = self.runner(model, case, default_opt)
+            if kind == "info":
+                self.info(key, shared, data)
+            elif kind == "forward":
+                shared.set_weights(weights)
+                self.out[f"{key}/logits"] = shared.predict_logits(data["images"])
+            elif kind == "roundtrip":
+                shared.set_weights(weights)
+                for name, value in shared.get_weights().items():
+                    self.out[f"{key}/{name}"] = value
+            else:
+                raise ValueError(f"unknown command {kind!r}")
+
+    def info(self, key: str, runner, data) -> None:
+        counter = NATIVE_COUNTS.get(self.framework)
+        counts = counter(runner) if counter else {}
+        self.out[f"{key}/json"] = np.frombuffer(json.dumps(counts).encode(), np.uint8)
+
+    def train(self, key: str, case, command, weights, data) -> None:
+        spec = command.get("spec", case["spec"])
+        model = compile_model(spec, tuple(case["input_shape"]), case["num_classes"])
+        runner = self.runner(model, case, command["optimizer"])
+        runner.set_weights(weights)
+        losses = []
+        for images, labels in zip(data["batch_images"], data["batch_labels"]):
+            runner.train_step(images, labels)
+            losses.append(runner.train_metrics()[0])
+        self.out[f"{key}/losses"] = np.asarray(losses, np.float64)
+        for name, value in runner.get_weights().items():
+            self.out[f"{key}/weights/{name}"] = value
+        state = runner.get_training_state()
+        runner.set_training_state(state)  # must accept its own state
+        for name, value in state.items():
+            self.out[f"{key}/state/{name}"] = np.asarray(value)
+
+
+    def resume(self, key: str, case, command, weights, data) -> None:
+        """Losses of all steps in one runner, and of the same steps split across two runners by a resume."""
+        model = compile_model(command.get("spec", case["spec"]), tuple(case["input_shape"]), case["num_classes"])
+        batches = list(zip(data["batch_images"], data["batch_labels"]))
+        half = len(batches) // 2
+
+        def steps(runner, part):
+            losses = []
+            for images, labels in part:
+                runner.train_step(images, labels)
+                losses.append(runner.train_metrics()[0])
+            return losses
+
+        straight = self.runner(model, case, command["optimizer"])
+        straight.set_weights(weights)
+        self.out[f"{key}/straight"] = np.asarray(steps(straight, batches))
+        first = self.runner(model, case, command["optimizer"])
+        first.set_weights(weights)
+        losses = steps(first, batches[:half])
+        saved_weights, saved_state = first.get_weights(), first.get_training_state()
+        second = self.runner(model, case, command["optimizer"])
+        second.set_weights(saved_weights)
+        second.set_training_state(saved_state)
+        self.out[f"{key}/resumed"] = np.asarray(losses + steps(second, batches[half:]))
+
+
+def main(job_path: str, out_path: str) -> None:
+    with open(job_path) as fh:
+        job = json.load(fh)
+    worker = Worker(job)
+    for case in job["cases"]:
+        worker.run_case(case)
+    for package in FRAMEWORK_PACKAGES:
+        worker.out[f"modules/{package}"] = np.asarray(int(package in sys.modules))
+    np.savez(out_path, **worker.out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

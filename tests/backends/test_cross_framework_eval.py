@@ -1,0 +1,131 @@
+"""task=eval: a model trained by one framework, evaluated by every framework, through the real CLI.
+
+classic_cnn is trained for one epoch with framework=torch; its model.safetensors is then evaluated with each
+framework in cnnrun.backends.BACKENDS (Keras once per Keras backend). Every evaluation must report the
+training run's test accuracy to within one test image, as a FINISHED MLflow run tagged with the checkpoint's
+origin. The user mistakes task=eval can meet are checked without training anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnrun import checkpoint as ckpt_io
+from cnnrun.backends import BACKENDS
+from cnnrun.backends.keras import KERAS_BACKENDS
+from cnnrun.spec import compile_model
+from cnnrun.spec.init import initial_weights
+from tests.helpers import mlflow_runs, run_cli
+
+TEST_IMAGES = 1000  # mnist_5k's test split
+
+
+def _evaluators():
+    params = []
+    for name, info in BACKENDS.items():
+        backends = KERAS_BACKENDS if name == "keras" else (None,)
+        for backend in backends:
+            args = [f"framework={name}"] + ([f"framework.backend={backend}"] if backend else [])
+            label = f"{name}-{backend}" if backend else name
+            missing = importlib.util.find_spec(info.module) is None or importlib.util.find_spec(info.package) is None
+            marks = [pytest.mark.skip(reason=f"{info.module} or {info.package} is missing")] if missing else []
+            params.append(pytest.param(args, id=label, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(workdir, tracking uri, checkpoint path, training run) of one torch epoch of classic_cnn."""
+    workdir = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = run_cli(["framework=torch", "trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}"],
+                     workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = workdir.glob("outputs/*/*/model.safetensors")
+    _, (run,) = mlflow_runs(uri)
+    return workdir, uri, checkpoint, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework_args", _evaluators())
+def test_every_framework_reproduces_the_test_accuracy(trained, framework_args):
+    workdir, uri, checkpoint, train_run = trained
+    name = "eval-" + "-".join(a.split("=")[1] for a in framework_args)
+    result = run_cli(["task=eval", f"checkpoint={checkpoint}", *framework_args, "trainer.progress=false",
+                      f"tracking.uri={uri}", f"tracking.run_name={name}"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stderr + result.stdout
+    _, runs = mlflow_runs(uri)
+    (run,) = [r for r in runs if r.info.run_name == name]
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["cnnrun.task"] == "eval"
+    assert tags["cnnrun.checkpoint.origin.framework"] == "torch"
+    assert tags["cnnrun.checkpoint.origin.run_id"] == train_run.info.run_id
+    trained_acc, evaluated_acc = train_run.data.metrics["test_acc"], run.data.metrics["test_acc"]
+    print(f"\n{name}: test_acc {evaluated_acc:.4f} (trained with torch: {trained_acc:.4f})")
+    assert abs(evaluated_acc - trained_acc) * TEST_IMAGES <= 1 + 1e-9
+
+
+# --------------------------------------------------------------------------------------------------- mistakes
+
+
+def _eval(args, workdir):
+    return run_cli(["task=eval", "framework=torch", "tracking.enabled=false", *args], workdir)
+
+
+def test_eval_without_a_checkpoint_says_how(workdir):
+    result = _eval([], workdir)
+    assert result.returncode == 2
+    assert "task=eval needs the checkpoint to evaluate: add checkpoint=PATH" in result.stderr
+
+
+def test_eval_of_a_missing_file(workdir):
+    result = _eval([f"checkpoint={workdir / 'nope.safetensors'}"], workdir)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def _save_cifar_like_checkpoint(path: Path, spec=None) -> Path:
+    spec = spec or {"name": "tiny_rgb", "layers": [{"type": "conv2d", "filters": 4, "kernel": 3},
+                                                    {"type": "global_avgpool"}, {"type": "dense", "units": 10}]}
+    model = compile_model(spec, (3, 32, 32), 10)
+    ckpt_io.save(path, ckpt_io.Checkpoint(
+        weights=initial_weights(model, 0), spec=model.spec, input_shape=(3, 32, 32),
+        class_names=tuple(f"c{i}" for i in range(10)), mean=(120.0,) * 3, std=(60.0,) * 3,
+        origin={"framework": "torch", "dataset": "cifar10"},
+    ))
+    return path
+
+
+def test_eval_on_a_dataset_of_other_images_is_refused(workdir):
+    path = _save_cifar_like_checkpoint(workdir / "rgb.safetensors")
+    result = _eval([f"checkpoint={path}"], workdir)
+    assert result.returncode == 2
+    assert "expects 3×32×32 images (dataset=mnist_5k gives 1×28×28)" in result.stderr
+    assert "dataset=cifar10" in result.stderr
+
+
+def test_a_checkpoint_spec_is_validated_like_a_users(workdir):
+    path = _save_cifar_like_checkpoint(workdir / "bad.safetensors")
+    ckpt = ckpt_io.load(path)
+    ckpt.spec["layers"][0]["kernel"] = 0  # tampered after saving
+    ckpt_io.save(path, ckpt)
+    result = _eval([f"checkpoint={path}", "dataset.channels=3", "dataset.image_size=[32,32]"], workdir)
+    assert result.returncode == 2
+    assert f"checkpoint {path}" in result.stderr
+    assert "kernel" in result.stderr
+
+
+def test_checkpoint_tensors_must_fit_its_spec(workdir):
+    path = _save_cifar_like_checkpoint(workdir / "odd.safetensors")
+    ckpt = ckpt_io.load(path)
+    ckpt.weights["conv2d_0/kernel"] = np.zeros((5, 3, 3, 3), np.float32)
+    ckpt_io.save(path, ckpt)
+    result = _eval([f"checkpoint={path}"], workdir)
+    assert result.returncode == 2
+    assert "conv2d_0/kernel: checkpoint (5, 3, 3, 3), model (4, 3, 3, 3)" in result.stderr
