@@ -10,7 +10,7 @@ import yaml
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
 from cnnrun.config import flatten_for_logging
-from cnnrun.errors import TrainingInterrupted
+from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
 from cnnrun.resume import load_for_resume
@@ -92,6 +92,14 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
     trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save)
     try:
         state = trainer.fit(state, augment=cfg.dataset.augment)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        half = max(1, cfg.trainer.batch_size // 2)
+        raise UserError(
+            f"out of memory on {runner.device_name} at trainer.batch_size={cfg.trainer.batch_size} "
+            f"({type(err).__name__}); try trainer.batch_size={half} (the last good checkpoint is kept)"
+        ) from None
     finally:
         view.close()
     if cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists():
@@ -112,6 +120,17 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         f"checkpoint {final}; outputs in {out}"
     )
     return job_result(ctx, logger, best_val_acc)  # sweep.objective (default: best_val_acc)
+
+
+OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "failed to allocate", "oom when allocating")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Device or host memory exhausted, in any framework's words (checked by name: no framework import)."""
+    if isinstance(err, MemoryError) or "OutOfMemory" in type(err).__name__ or "ResourceExhausted" in type(err).__name__:
+        return True
+    text = str(err).lower()
+    return any(mark in text for mark in OUT_OF_MEMORY_MARKS)
 
 
 def _carry_best(resume_path, checkpoints) -> None:

@@ -126,3 +126,19 @@ def test_early_stopping_on_a_validation_set_that_cannot_be_learned():
     state = trainer.fit()
     assert state.stopped_early and state.epoch == state.best_epoch + 3
     assert ("best", state.best_epoch + 1) in saved and saved[-1] == ("last", state.epoch)
+
+
+def test_out_of_memory_suggests_a_smaller_batch(workdir, tracking_uri):
+    """Under a 6 GiB address-space limit, a 3,500-image batch through 512-filter convs (5.6 GB of activations in
+    the first layer alone) fails to allocate: a clear message naming a smaller batch, and a FAILED run."""
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))"
+    code = f"{limit}; import sys; from cnnrun.cli import main; sys.argv[0] = 'cnnrun'; main()"
+    result = subprocess.run([sys.executable, "-c", code, "trainer.batch_size=3500", "trainer.epochs=1",
+                             "model.layers.0.filters=512", "model.layers.2.filters=512", "device.threads=1",
+                             f"tracking.uri={tracking_uri}", "trainer.progress=false"],
+                            cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "out of memory" in result.stderr and "trainer.batch_size=1750" in result.stderr
+    assert "Traceback" not in result.stderr
+    _, (run,) = mlflow_runs(tracking_uri)
+    assert run.info.status == "FAILED"
