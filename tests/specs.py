@@ -1,5 +1,7 @@
 """Specs that exercise every padding and stride rule; shared by the backend and equivalence tests."""
 
+from typing import Dict
+
 STRESS_INPUT = (3, 27, 29)
 
 STRESS = {
@@ -38,3 +40,19 @@ POOLING = {
         {"type": "dense", "units": 10},
     ],
 }
+
+
+def without_dropout(spec: Dict) -> Dict:
+    """The same spec (same layer names) with every dropout rate 0, for deterministic training steps."""
+    def strip(layers):
+        out = []
+        for layer in layers:
+            layer = dict(layer)
+            if layer["type"] == "dropout":
+                layer["rate"] = 0.0
+            if layer["type"] == "residual":
+                layer["layers"] = strip(layer["layers"])
+            out.append(layer)
+        return out
+
+    return {**spec, "layers": strip(spec["layers"])}

@@ -56,6 +56,10 @@ class TorchOptions(_Options):
     channels_last: bool = Field(default=True, description="NHWC memory format for convolutions (faster on CPU).")
     fused_optimizer: bool = Field(default=True, description="torch.optim's fused Adam/SGD kernels.")
     compile: bool = Field(default=False, description="torch.compile the model (off: see benchmarks/RESULTS.md).")
+    tf32: bool = Field(
+        default=False,
+        description="TensorFloat-32 convolutions and matmuls on CUDA GPUs: faster, ~1e-3 relative error.",
+    )
 
 
 class TensorFlowOptions(_Options):

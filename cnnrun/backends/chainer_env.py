@@ -10,6 +10,8 @@ Chainer (last released 2020) checks its environment at import: ``chainer._enviro
   for ``numpy.distutils.system_info`` is installed for the import only: Chainer calls it on macOS alone.
 - ``pkg_resources`` is gone from setuptools >= 81; Chainer uses it only to warn about optional packages' versions,
   so without it a stand-in that finds no optional package serves the import.
+- NumPy 2 removed ``np.sctypes``, which Chainer reads once at import; it is supplied for the import only. With
+  that, Chainer 7.8.1 runs on NumPy 2 and CuPy 14 (seen on an H200 with NumPy 2.5, CuPy 14.2, Python 3.12).
 - ``pkg_resources`` and ``numpy.distutils`` emit deprecation warnings, and Chainer warns about CuPy versions it
   does not know. None of that is actionable for a cnnrun user, so warnings are silenced around the import only.
 
@@ -28,8 +30,9 @@ import types
 import warnings
 from typing import Iterator, Optional, Tuple
 
-# The extra that installs CuPy, and what to say about it (CuPy 14 needs NumPy 2 and dropped cuDNN, so
-# Chainer 7.8.1, which needs NumPy 1.x, runs on the CuPy 13 line).
+# The extra that installs CuPy, and what to say about it. cnnrun's lock pins NumPy 1.26 and CuPy 14 needs NumPy 2,
+# so the extra takes the CuPy 13 line; in a NumPy 2 environment CuPy 14 works too (it has no cuDNN: Chainer then
+# runs its own CUDA kernels).
 CUDA_EXTRA_HINT = (
     "install CuPy with `pip install 'cnnrun[cuda]'` (cupy-cuda13x 13.x, for CUDA 13 drivers; "
     "for CUDA 12 drivers install `pip install 'cupy-cuda12x>=13,<14'` instead)"
@@ -42,7 +45,7 @@ def import_chainer():
         return sys.modules["chainer"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with _stdlib_distutils(), _numpy_distutils_fallback(), _pkg_resources_fallback():
+        with _stdlib_distutils(), _numpy_distutils_fallback(), _pkg_resources_fallback(), _numpy_sctypes():
             _alias_cupy_cudnn()
             return importlib.import_module("chainer")
 
@@ -112,6 +115,31 @@ def _numpy_distutils_fallback() -> Iterator[None]:
             del numpy.distutils
         else:
             numpy.distutils = saved_attribute
+
+
+@contextlib.contextmanager
+def _numpy_sctypes() -> Iterator[None]:
+    """Provide ``numpy.sctypes`` (removed in NumPy 2) while inside the block.
+
+    Chainer reads it once at import, to pick an index dtype for ``F.as_strided``; nothing else in Chainer 7.8.1
+    touches an API that NumPy 2 removed, so this lets Chainer run on NumPy 2 (and CuPy 14, which needs it).
+    """
+    import numpy
+
+    if "sctypes" in vars(numpy):  # NumPy 1.x
+        yield
+        return
+    numpy.sctypes = {
+        "int": [numpy.int8, numpy.int16, numpy.int32, numpy.int64],
+        "uint": [numpy.uint8, numpy.uint16, numpy.uint32, numpy.uint64],
+        "float": [numpy.float16, numpy.float32, numpy.float64, numpy.longdouble],
+        "complex": [numpy.complex64, numpy.complex128, numpy.clongdouble],
+        "others": [bool, object, bytes, str, numpy.void],
+    }
+    try:
+        yield
+    finally:
+        del numpy.sctypes
 
 
 def _findable(name: str) -> bool:

@@ -393,7 +393,7 @@ class KerasTorchRunner:
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
         import torch
 
-        from cnnrun.backends.torch import resolve_device
+        from cnnrun.backends.torch import resolve_device, set_tf32
         from cnnrun.spec.init import initial_weights
 
         if options.jit_compile:
@@ -404,6 +404,8 @@ class KerasTorchRunner:
         self.torch = torch
         self.model = model
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            set_tf32(False)  # IEEE float32, like every other framework (Keras has no TF32 option of its own)
         if self.device.type == "cpu" and device.threads:
             torch.set_num_threads(device.threads)
         torch.manual_seed(seed)

@@ -106,6 +106,9 @@ def resolve_device(device) -> Tuple[str, str]:
     index = device.cuda_index
     if index >= len(GPUS):
         raise UserError(f"device=cuda:{index}: TensorFlow sees only {len(GPUS)} GPU(s)")
+    # TensorFlow runs float32 convolutions and matmuls in TF32 on Ampere and newer GPUs unless told not to; IEEE
+    # float32 keeps its outputs equal to the other frameworks' (torch's framework.tf32 is the opt-in there).
+    tf.config.experimental.enable_tensor_float_32_execution(False)
     details = tf.config.experimental.get_device_details(GPUS[index])
     return f"/GPU:{index}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
 

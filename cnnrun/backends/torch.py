@@ -150,30 +150,39 @@ class Network(nn.Module):
     def __init__(self, model: CompiledModel):
         super().__init__()
         self.layers = nn.Sequential(*[build_layer(layer) for layer in model.layers])
-        self.tensors = self._index(model)
+        self._slots = self._index(model)
 
     def forward(self, x):
         return self.layers(x)
 
-    def _index(self, model: CompiledModel) -> Dict[str, torch.Tensor]:
-        """canonical tensor name → the torch parameter or buffer holding it."""
-        index: Dict[str, torch.Tensor] = {}
+    @property
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """canonical tensor name → the torch parameter or buffer holding it now.
+
+        Looked up on every call: ``Module.to(device)`` keeps parameter objects but replaces buffers (batchnorm
+        running statistics) with new tensors, so references taken before the move would be stale copies.
+        """
+        return {name: getattr(module, attribute) for name, (module, attribute) in self._slots.items()}
+
+    def _index(self, model: CompiledModel) -> Dict[str, Tuple[nn.Module, str]]:
+        """canonical tensor name → (the module, the attribute name) of the torch parameter or buffer holding it."""
+        index: Dict[str, Tuple[nn.Module, str]] = {}
 
         def visit(layers: List[CompiledLayer], modules) -> None:
             for layer, module in zip(layers, modules):
                 if layer.type == "conv2d":
-                    index[f"{layer.name}/kernel"] = module.conv.weight
+                    index[f"{layer.name}/kernel"] = (module.conv, "weight")
                     if module.conv.bias is not None:
-                        index[f"{layer.name}/bias"] = module.conv.bias
+                        index[f"{layer.name}/bias"] = (module.conv, "bias")
                 elif layer.type == "dense":
-                    index[f"{layer.name}/kernel"] = module.linear.weight
+                    index[f"{layer.name}/kernel"] = (module.linear, "weight")
                     if module.linear.bias is not None:
-                        index[f"{layer.name}/bias"] = module.linear.bias
+                        index[f"{layer.name}/bias"] = (module.linear, "bias")
                 elif layer.type == "batchnorm":
-                    index[f"{layer.name}/gamma"] = module.weight
-                    index[f"{layer.name}/beta"] = module.bias
-                    index[f"{layer.name}/moving_mean"] = module.running_mean
-                    index[f"{layer.name}/moving_variance"] = module.running_var
+                    index[f"{layer.name}/gamma"] = (module, "weight")
+                    index[f"{layer.name}/beta"] = (module, "bias")
+                    index[f"{layer.name}/moving_mean"] = (module, "running_mean")
+                    index[f"{layer.name}/moving_variance"] = (module, "running_var")
                 elif layer.type == "residual":
                     visit(layer.body, module.body)
                     if layer.shortcut is not None:
@@ -198,12 +207,30 @@ def resolve_device(device) -> torch.device:
     return torch.device("cuda", index)
 
 
+def set_tf32(enabled: bool) -> None:
+    """Choose TF32 or IEEE float32 for cuDNN convolutions and cuBLAS matmuls (process-wide, as torch keeps it).
+
+    PyTorch's default runs convolutions in TF32 on Ampere and newer GPUs, which moves outputs by ~1e-3 from
+    what the other frameworks compute; cnnrun defaults to IEEE float32 so one spec means the same numbers.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the legacy flags must not be mixed in
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 class TorchRunner:
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
         from cnnrun.spec.init import initial_weights
 
         self.model = model
         self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            set_tf32(options.tf32)
         if self.device.type == "cpu" and device.threads:
             torch.set_num_threads(device.threads)
         torch.manual_seed(seed)

@@ -346,6 +346,22 @@ def test_chainer_imports_without_pkg_resources():
     assert result.stdout.strip() == "7.8.1 False"
 
 
+def test_chainer_imports_on_numpy_2_without_sctypes():
+    """NumPy 2 removed np.sctypes, which Chainer reads at import: cnnrun supplies it for the import only.
+    (Checked for real on NumPy 2.4 here and 2.5 with CuPy 14 on a GPU; this stands NumPy 2 in by removing it.)"""
+    result = run_python("""
+        import warnings
+        warnings.simplefilter("error")
+        import numpy
+        del numpy.sctypes  # what NumPy 2 looks like to Chainer
+        from cnnrun.backends.chainer_env import import_chainer
+        chainer = import_chainer()
+        print(chainer.__version__, hasattr(numpy, "sctypes"))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "7.8.1 False"
+
+
 def test_cupy_cudnn_alias_shim_with_a_stand_in_cupy(tmp_path):
     """Where CuPy has cupyx.cudnn but no cupy.cudnn, Chainer's `import cupy.cudnn` is served from cupyx.cudnn."""
     (tmp_path / "cupy").mkdir()

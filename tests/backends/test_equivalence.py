@@ -30,6 +30,7 @@ from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from cnnrun.summary import summary_dict
 from tests.helpers import shipped_model
+from tests.specs import without_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -171,22 +172,6 @@ OPTIMIZERS = {
     # weight_decay 0.05: large enough that a missing or decoupled L2 term shows in the updated weights.
     "sgd": {"name": "sgd", "lr": 0.005, "momentum": 0.9, "nesterov": True, "weight_decay": 0.05},
 }
-
-
-def without_dropout(spec: Dict) -> Dict:
-    """The same spec (same layer names) with every dropout rate 0, for deterministic training steps."""
-    def strip(layers):
-        out = []
-        for layer in layers:
-            layer = dict(layer)
-            if layer["type"] == "dropout":
-                layer["rate"] = 0.0
-            if layer["type"] == "residual":
-                layer["layers"] = strip(layer["layers"])
-            out.append(layer)
-        return out
-
-    return {**spec, "layers": strip(spec["layers"])}
 
 
 def make_weights(model, seed: int) -> Dict[str, np.ndarray]:

@@ -117,3 +117,19 @@ def test_cuda_without_gpu_is_a_clear_error():
     model = compile_model(POOLING, POOLING_INPUT, 10)
     with pytest.raises(UserError, match="PyTorch sees no usable CUDA GPU"):
         create_runner("torch", model, ADAM, TorchOptions(), DeviceConfig(name="cuda"), 0, (0.0,) * 2, (1.0,) * 2)
+
+
+def test_tensor_index_follows_the_module_after_a_move():
+    # Module.to() replaces buffers with new tensors (on a GPU move too): the canonical index must follow, or
+    # set_weights would fill stale copies and checkpoints would carry initial batchnorm statistics.
+    model = compile_model(shipped_model("resnet_lite"), (1, 28, 28), 10)
+    net = Network(model).to(torch.float64)
+    for name, tensor in net.tensors.items():
+        assert tensor.dtype == torch.float64, name
+    runner = runner_for(model)
+    runner.net.to(torch.float64)
+    weights = {name: value.astype(np.float64) + 1.0 for name, value in runner.get_weights().items()}
+    runner.set_weights(weights)
+    for module in runner.net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.all(module.running_var >= 1.0)

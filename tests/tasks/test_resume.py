@@ -51,7 +51,7 @@ def test_resume_equals_uninterrupted(framework, workdir):
     broken = workdir / "broken"
     broken.mkdir()
     uri = f"sqlite:///{broken}/m.db"
-    first = run_cli(args + [f"tracking.uri={uri}", "trainer.max_time=1.5"], broken)
+    first = run_cli(args + [f"tracking.uri={uri}", "trainer.max_time=0.6"], broken)
     assert first.returncode == 130, first.stderr[-2000:]
     assert _final(uri).info.status == "KILLED"
     second = run_cli(args + [f"tracking.uri={uri}", "trainer.resume=last"], broken)

@@ -1,0 +1,137 @@
+"""The CUDA paths: on a GPU each framework computes what it computes on the CPU, and trains there.
+
+Skipped where no NVIDIA GPU is present (CI has none). Run on a GPU machine with ``pytest -m gpu``; Keras is tested
+on the backend ``KERAS_BACKEND`` names (one backend per process). Frameworks that are not installed, or that see
+no GPU (TensorFlow built without CUDA, Chainer without CuPy), are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cnnrun.backends import create_runner, validate_options
+from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.spec import compile_model
+from tests.helpers import shipped_model
+from tests.reference import random_weights
+from tests.specs import STRESS, STRESS_INPUT, without_dropout
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU on this machine"),
+]
+
+MODELS = {
+    "resnet_lite": (shipped_model("resnet_lite"), (1, 28, 28)),
+    "stress": (without_dropout(STRESS), STRESS_INPUT),  # dropout masks come from each device's own RNG
+}
+FRAMEWORKS = ["torch", "tensorflow", "keras", "chainer"]
+ADAM = OptimizerConfig(name="adam", lr=1e-3, eps=1e-7)
+# Gradients are compared through one plain SGD step with lr=1 (the weights move by exactly -gradient). Comparing
+# weights after several Adam steps would not work: Adam moves a weight whose gradient is near zero by ±lr on
+# either device depending on rounding (seen on an H200: 3.7e-3 after 3 steps).
+SGD_UNIT = OptimizerConfig(name="sgd", lr=1.0)
+# Per tensor, |g_gpu - g_cpu| <= GRADIENT_RTOL * max|g_cpu|. Seen on an H200 with the stress spec (gradients up
+# to 37): torch 5e-7 relative, Chainer without cuDNN 5e-5 (its im2col convolutions sum in another order).
+# resnet_lite is left out of this check: with random weights its ten batchnorms normalise by statistics of 16
+# images, which amplifies rounding; gradients moved by up to 5% relative on the GPU, identically in torch, Keras
+# and Chainer, so they measure the arithmetic's conditioning rather than any backend.
+GRADIENT_RTOL = 2e-4
+
+
+def _require_gpu(framework: str) -> None:
+    """Skip unless ``framework`` is installed and sees a CUDA GPU."""
+    if framework == "chainer":
+        if importlib.util.find_spec("chainer") is None:
+            pytest.skip("Chainer is not installed")
+        from cnnrun.backends.chainer_env import cupy_status, gpu_count, import_chainer  # not a bare import: NumPy 2
+
+        import_chainer()
+        cupy, why = cupy_status()
+        if cupy is None:
+            pytest.skip(f"Chainer cannot use CuPy: {why}")
+        if gpu_count(cupy)[0] == 0:
+            pytest.skip("CuPy sees no GPU")
+        return
+    uses_torch = framework == "torch" or (framework == "keras" and os.environ.get("KERAS_BACKEND") == "torch")
+    if uses_torch:
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("PyTorch sees no GPU")
+        if framework == "keras":
+            pytest.importorskip("keras")
+        return
+    tf = pytest.importorskip("tensorflow")
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("TensorFlow sees no GPU")
+
+
+def _options(framework: str):
+    if framework == "keras":
+        return validate_options("keras", {"backend": os.environ.get("KERAS_BACKEND", "tensorflow")})
+    return validate_options(framework, {})
+
+
+def _runner(framework, model, device, optimizer=ADAM):
+    channels = model.input_shape[0]
+    return create_runner(
+        framework, model, optimizer, _options(framework), DeviceConfig(name=device), 0,
+        (0.5,) * channels, (0.25,) * channels,
+    )
+
+
+def _data(model, seed=1, batches=3, batch=16):
+    rng = np.random.default_rng(seed)
+    shape = model.input_shape
+    images = rng.integers(0, 256, size=(batches, batch, *shape[1:], shape[0]), dtype=np.uint8)
+    labels = rng.integers(0, model.num_classes, size=(batches, batch)).astype(np.int64)
+    return images, labels
+
+
+def _setup(framework, model_name):
+    _require_gpu(framework)
+    spec, input_shape = MODELS[model_name]
+    model = compile_model(spec, input_shape, 10)
+    return model, random_weights(model, seed=3), *_data(model)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_gpu_logits_and_adam_losses_match_cpu(framework, model_name):
+    model, weights, images, labels = _setup(framework, model_name)
+    cpu, gpu = _runner(framework, model, "cpu"), _runner(framework, model, "cuda")
+    assert "cuda" in gpu.device_name, gpu.device_name
+    for runner in (cpu, gpu):
+        runner.set_weights(weights)
+    np.testing.assert_allclose(gpu.predict_logits(images[0]), cpu.predict_logits(images[0]), atol=1e-4, rtol=1e-4)
+
+    def train(runner):
+        losses = []
+        for batch_images, batch_labels in zip(images, labels):
+            runner.train_step(batch_images, batch_labels)
+            losses.append(runner.train_metrics()[0])
+        return losses
+
+    np.testing.assert_allclose(train(gpu), train(cpu), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_gpu_gradients_match_cpu(framework):
+    model, weights, images, labels = _setup(framework, "stress")
+    steps = {}
+    for device in ("cpu", "cuda"):
+        runner = _runner(framework, model, device, SGD_UNIT)
+        runner.set_weights(weights)
+        runner.train_step(images[0], labels[0])
+        steps[device] = {name: value - weights[name] for name, value in runner.get_weights().items()}
+    assert set(steps["cuda"]) == set(steps["cpu"]) == set(weights)
+    for name, step in steps["cpu"].items():
+        scale = float(np.max(np.abs(step)))
+        assert np.isfinite(scale) and (scale > 0 or "moving" in name), name  # every parameter gets a gradient
+        difference = float(np.max(np.abs(steps["cuda"][name] - step)))
+        assert difference <= GRADIENT_RTOL * scale + 1e-6, f"{name}: {difference:.2e} of {scale:.2e}"
