@@ -59,8 +59,9 @@ def compiled_gradients_match(batch_size: int = 128) -> bool:
     """torch.compile on CPU has returned all-zero conv gradients at batch 128 (torch 2.13): check before timing."""
     torch.manual_seed(0)
     eager = classic_cnn()
-    compiled = torch.compile(classic_cnn())
-    compiled.load_state_dict(eager.state_dict()) if hasattr(compiled, "load_state_dict") else None
+    twin = classic_cnn()
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin)
     x = torch.randn(batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (batch_size,))
     for net in (eager, compiled):
@@ -78,12 +79,21 @@ def main() -> None:
 
     dataset = mnist_5k()
     cores = len(os.sched_getaffinity(0))
+    # torch's thread count is process-wide and the references set theirs per epoch (one of them to 1): give cnnrun
+    # the count a fresh `cnnrun` process starts with, read before any variant ran.
+    fresh_threads = torch.get_num_threads()
+    cnnrun_epoch = cnnrun_epoch_fn("torch", TorchOptions(), dataset)
+
+    def cnnrun_fresh_threads() -> float:
+        torch.set_num_threads(fresh_threads)
+        return cnnrun_epoch()
+
     variants = {
         "reference eager NCHW (foreach Adam)": reference_epoch_fn(dataset, False, False, cores),
         "reference channels_last": reference_epoch_fn(dataset, True, False, cores),
         "reference channels_last + fused Adam": reference_epoch_fn(dataset, True, True, cores),
         "reference eager NCHW, 1 thread": reference_epoch_fn(dataset, False, False, 1),
-        "cnnrun framework=torch (defaults)": cnnrun_epoch_fn("torch", TorchOptions(), dataset),
+        "cnnrun framework=torch (defaults)": cnnrun_fresh_threads,
     }
     if args.compile:
         ok = compiled_gradients_match()
