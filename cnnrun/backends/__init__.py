@@ -9,6 +9,7 @@ one framework never imports another. Adding a framework: one module here impleme
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Type
 
@@ -46,6 +47,11 @@ class Runner(Protocol):
 
     def set_training_state(self, state: Weights) -> None:
         """Restore what :meth:`get_training_state` returned."""
+
+
+def mean_metrics(loss_sum: float, correct: int, count: int) -> Tuple[float, float, int]:
+    """What :meth:`Runner.train_metrics` returns from a runner's running sums: NaNs when no step was taken."""
+    return (loss_sum / count, correct / count, count) if count else (math.nan, math.nan, 0)
 
 
 class _Options(BaseModel):

@@ -10,13 +10,13 @@ pooling), ``cover_all=False`` everywhere, and average pooling rescales by a prec
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from cnnrun.backends import mean_metrics
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -417,7 +417,7 @@ class ChainerRunner:
         count = self._count
         loss, correct = float(self._loss_sum), int(self._correct)  # the sync
         self._zero_metrics()
-        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+        return mean_metrics(loss, correct, count)
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         with self._config(train=False):

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from cnnrun.backends import mean_metrics
 from cnnrun.errors import UserError, one_of
 from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
@@ -453,7 +454,7 @@ class KerasTorchRunner:
         count = self._count
         loss, correct = float(self._loss_sum), int(self._correct)  # the sync
         self._zero_metrics()
-        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+        return mean_metrics(loss, correct, count)
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         with self.torch.no_grad(), self.keras.device(self.scope):

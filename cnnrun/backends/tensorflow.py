@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from cnnrun.backends import mean_metrics
 from cnnrun.errors import UserError
 from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
@@ -515,7 +516,7 @@ class TensorFlowRunner:
         self._loss_sum.assign(0.0)
         self._correct.assign(0)
         self._count = 0
-        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+        return mean_metrics(loss, correct, count)
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         with tf.device(self.device):

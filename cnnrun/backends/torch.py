@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnrun.backends import mean_metrics
 from cnnrun.errors import UserError
 from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
@@ -278,7 +279,7 @@ class TorchRunner:
         count = self._count
         loss, correct = float(self._loss_sum), int(self._correct)  # the sync
         self._zero_metrics()
-        return (loss / count, correct / count, count) if count else (math.nan, math.nan, 0)
+        return mean_metrics(loss, correct, count)
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Tuple, Type
 
 import numpy as np
 
@@ -98,3 +99,21 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def ending_run(logger, interrupts: Tuple[Type[BaseException], ...]) -> Iterator[None]:
+    """End ``logger``'s run with the block's outcome, so no run is ever left RUNNING: FINISHED when the block
+    completes, KILLED (with the interrupt's message) for one of ``interrupts``, else FAILED with the error."""
+    status, error = "FAILED", None
+    try:
+        yield
+        status = "FINISHED"
+    except interrupts as err:
+        status, error = "KILLED", str(err) or "interrupted"
+        raise
+    except BaseException as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        logger.end(status, error)

@@ -18,7 +18,7 @@ from cnnrun.backends import load_backend
 from cnnrun.errors import UserError
 from cnnrun.progress import console
 from cnnrun.spec import CompiledModel, compile_model, fmt_shape
-from cnnrun.tasks.common import load_data, report_test, run_tags
+from cnnrun.tasks.common import ending_run, load_data, report_test, run_tags
 from cnnrun.tracking import start_run
 
 
@@ -44,19 +44,8 @@ def run(ctx) -> float:
     version = backend.framework_version()
     logger = start_run(cfg.tracking, _run_name(ctx, runner), {**run_tags(ctx, runner, version, "eval"),
                                                               **checkpoint_tags(ckpt, path)})
-    status, error = "FAILED", None
-    try:
-        accuracy = _evaluate(ctx, runner, dataset, logger, ckpt, path, version)
-        status = "FINISHED"
-        return accuracy
-    except KeyboardInterrupt:
-        status, error = "KILLED", "interrupted"
-        raise
-    except BaseException as err:
-        error = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        logger.end(status, error)
+    with ending_run(logger, interrupts=(KeyboardInterrupt,)):
+        return _evaluate(ctx, runner, dataset, logger, ckpt, path, version)
 
 
 def _checkpoint_path(value) -> Path:

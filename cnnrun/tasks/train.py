@@ -17,7 +17,9 @@ from cnnrun.resume import load_for_resume
 from cnnrun.summary import summary_json, summary_text
 from cnnrun.sweep.objective import job_result
 from cnnrun.sweep.resume import skip_finished
-from cnnrun.tasks.common import load_data, make_checkpoint, report_test, run_name, run_tags, write_text
+from cnnrun.tasks.common import (
+    ending_run, load_data, make_checkpoint, report_test, run_name, run_tags, write_text,
+)
 from cnnrun.trainer import Trainer, TrainState
 from cnnrun.tracking import start_run
 
@@ -45,19 +47,8 @@ def run(ctx) -> float:
     tags = run_tags(ctx, runner, version, "train")
     previous_run = resumed.origin.get("run_id") if resumed is not None else None
     logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run)
-    status, error = "FAILED", None
-    try:
-        objective = _train(ctx, runner, dataset, logger, version, state, resumed is not None)
-        status = "FINISHED"
-        return objective
-    except TrainingInterrupted as err:
-        status, error = "KILLED", str(err)
-        raise
-    except BaseException as err:
-        error = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        logger.end(status, error)
+    with ending_run(logger, interrupts=(TrainingInterrupted,)):
+        return _train(ctx, runner, dataset, logger, version, state, resumed is not None)
 
 
 def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resuming: bool) -> float:
