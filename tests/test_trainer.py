@@ -1,0 +1,207 @@
+"""The training loop's bookkeeping, exactly: epoch means, syncs, early stopping, checkpoints, interruption and resume.
+
+The runner is tests/numpy_runner.py's (real learning, bit-reproducible, no framework), so these run in well under
+a second; the same loop with every framework is exercised by tests/tasks/ and tests/backends/.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from cnnrun.config import AugmentConfig, TrainerConfig
+from cnnrun.errors import TrainingInterrupted
+from cnnrun.metrics import summarise
+from cnnrun.progress import ProgressView
+from cnnrun.tracking import NullLogger
+from cnnrun.trainer import Diverged, StopSignal, Trainer, TrainState, evaluate
+from tests.numpy_runner import SignalAt, SoftmaxRegression, quadrant_dataset
+
+STEPS = 8  # per epoch: 60 training images in batches of 8
+
+
+class RecordingLogger(NullLogger):
+    """NullLogger that also keeps every call, to compare what reached the tracker with the epoch table."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, step)
+        self.calls.append((step, dict(metrics)))
+
+
+def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment=None, **trainer):
+    runner = runner or SoftmaxRegression(16, 4)
+    saved = []  # (kind, the state as a checkpoint stores it, the runner's weights then)
+    logger = RecordingLogger()
+    cfg = TrainerConfig(epochs=epochs, patience=patience, batch_size=8, eval_batch_size=16, log_every=3,
+                        progress=False, **trainer)
+    loop = Trainer(runner, dataset or quadrant_dataset(), cfg, logger, ProgressView(False, epochs),
+                   lambda kind, s: saved.append((kind, s.to_dict(), runner.get_weights())))
+    error = None
+    try:
+        state = loop.fit(state, augment)
+    except TrainingInterrupted as err:
+        error = err
+    return state, runner, saved, logger, error
+
+
+def _epoch_means(runner, epoch):
+    sums = runner.step_sums[epoch * STEPS : (epoch + 1) * STEPS]
+    count = sum(n for _, _, n in sums)
+    return sum(s for s, _, _ in sums) / count, sum(c for _, c, _ in sums) / count, count
+
+
+def test_each_epoch_row_holds_the_exact_means_and_reaches_the_tracker():
+    state, runner, saved, logger, _ = _fit(epochs=2)
+    assert [row["epoch"] for row in state.history] == [0, 1]
+    for row in state.history:
+        loss, acc, count = _epoch_means(runner, row["epoch"])
+        assert row["train_loss"] == pytest.approx(loss, rel=1e-12) and row["train_acc"] == pytest.approx(acc)
+        assert row["images_per_s"] == pytest.approx(count / row["seconds"]) and row["seconds"] > 0
+    val_loss, val_acc, _ = evaluate(runner, quadrant_dataset().val, 16)  # the weights of the last epoch
+    assert (state.history[-1]["val_loss"], state.history[-1]["val_acc"]) == (val_loss, val_acc)
+    assert [step for step, _ in logger.calls] == [1, 2]
+    for (_, metrics), row in zip(logger.calls, state.history):
+        assert metrics == {"train_loss": row["train_loss"], "train_acc": row["train_acc"], "val_loss": row["val_loss"],
+                           "val_acc": row["val_acc"], "epoch_seconds": row["seconds"],
+                           "images_per_s": row["images_per_s"]}
+    # the epoch in progress is reset once it is recorded
+    assert (state.epoch, state.batch, state.loss_sum, state.correct, state.count, state.seconds) == (2, 0, 0, 0, 0, 0)
+
+
+def test_a_learnable_task_improves_every_epoch_and_keeps_each_as_best():
+    state, runner, saved, _, _ = _fit(epochs=3)
+    losses = [row["val_loss"] for row in state.history]
+    assert losses == sorted(losses, reverse=True) and state.best_val_loss == losses[-1]
+    assert (state.best_epoch, state.bad_epochs, state.stopped_early) == (2, 0, False)
+    assert [(kind, s["epoch"]) for kind, s, _ in saved] == [("best", 1), ("last", 1), ("best", 2), ("last", 2),
+                                                             ("best", 3), ("last", 3)]
+    assert state.history[-1]["train_acc"] > 0.9
+
+
+def test_early_stopping_after_patience_epochs_without_improvement():
+    state, _, saved, _, _ = _fit(epochs=10, patience=2, dataset=quadrant_dataset(val_shift=1))
+    losses = [row["val_loss"] for row in state.history]
+    assert len(losses) == 3 and losses[0] < losses[1] < losses[2]
+    assert (state.epoch, state.best_epoch, state.bad_epochs, state.stopped_early) == (3, 0, 2, True)
+    assert state.best_val_loss == losses[0]
+    assert [(kind, s["epoch"]) for kind, s, _ in saved] == [("best", 1), ("last", 1), ("last", 2), ("last", 3)]
+
+
+def test_without_patience_every_epoch_runs():
+    state, _, _, _, _ = _fit(epochs=4, patience=None, dataset=quadrant_dataset(val_shift=1))
+    assert (state.epoch, state.best_epoch, state.bad_epochs, state.stopped_early) == (4, 0, 3, False)
+
+
+def test_the_loop_syncs_every_log_every_steps_and_at_the_end_of_each_epoch():
+    _, runner, _, _, _ = _fit(epochs=2)
+    assert runner.syncs == [3, 6, 8, 11, 14, 16]
+
+
+def test_a_nan_loss_stops_training_naming_the_steps():
+    runner = SoftmaxRegression(16, 4)
+    runner.set_weights({"dense_0/kernel": np.full((4, 16), np.nan), "dense_0/bias": np.zeros(4)})
+    with pytest.raises(Diverged) as err:
+        _fit(runner=runner)
+    assert str(err.value).startswith("training diverged: the loss became nan in epoch 1, within steps 1-3; ")
+
+
+@pytest.mark.parametrize("at", [3 + STEPS, 4 + STEPS, STEPS], ids=["at-a-sync", "between-syncs", "last-step"])
+def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(at):
+    """Stopped by SIGINT during step ``at`` (augmented, so the per-batch seeding matters too), then continued from
+    what the last checkpoint holds: the same epoch table and the same weights, to the bit."""
+    augment = AugmentConfig(random_crop_padding=1, horizontal_flip=True)
+    handler = signal.getsignal(signal.SIGINT)
+    _, straight, _, _, _ = _fit(epochs=3, augment=augment)
+    _, runner, saved, _, error = _fit(epochs=3, augment=augment, runner=SignalAt(16, 4, at=at))
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler is gone once it stops
+    epoch, step = divmod(at, STEPS)
+    if step:
+        assert str(error) == f"stopped by SIGINT in epoch {epoch + 1} after step {step}/{STEPS}; state saved"
+    else:
+        assert str(error) == f"stopped by SIGINT at the end of epoch {epoch}; state saved"
+    kind, progress, weights = saved[-1]
+    assert kind == "last" and (progress["epoch"], progress["batch"]) == divmod(at, STEPS)
+    assert progress["count"] == 8 * (at % STEPS)  # the steps since the last sync are counted too
+    assert len(progress["history"]) == at // STEPS
+
+    resumed = SoftmaxRegression(16, 4)
+    resumed.set_weights(weights)
+    state, resumed, _, _, _ = _fit(epochs=3, augment=augment, runner=resumed, state=TrainState.from_dict(progress))
+    for a, b in zip(state.history, _fit(epochs=3, augment=augment)[0].history):
+        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}, rel=1e-12)
+    np.testing.assert_array_equal(resumed.kernel, straight.kernel)
+
+
+def test_augmentation_changes_what_is_trained_on():
+    plain = _fit(epochs=1)[1]
+    flipped = _fit(epochs=1, augment=AugmentConfig(horizontal_flip=True))[1]
+    assert not np.array_equal(plain.kernel, flipped.kernel)
+    off = _fit(epochs=1, augment=AugmentConfig())[1]
+    np.testing.assert_array_equal(plain.kernel, off.kernel)
+
+
+def test_max_time_stops_after_the_step_in_progress():
+    state, runner, saved, _, error = _fit(epochs=2, max_time=1e-9)
+    assert str(error) == f"stopped by trainer.max_time in epoch 1 after step 1/{STEPS}; state saved"
+    assert runner.steps == 1 and [kind for kind, _, _ in saved] == ["last"]
+
+
+def test_a_second_ctrl_c_gives_up_at_once():
+    handler = signal.getsignal(signal.SIGINT)
+    with StopSignal(None) as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_sigterm_is_handled_like_ctrl_c():
+    handler = signal.getsignal(signal.SIGTERM)
+    with StopSignal(None) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.reason == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_outside_the_main_thread_only_the_time_budget_applies():
+    results = []
+
+    def work():
+        with StopSignal(1e-9) as stop:
+            results.append((stop.requested, stop.reason, dict(stop._previous)))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert results == [(True, "trainer.max_time", {})]
+
+
+def test_a_time_budget_not_yet_spent_does_not_stop():
+    with StopSignal(3600) as stop:
+        assert not stop.requested and stop.reason is None
+
+
+def test_evaluate_covers_the_whole_split_in_batches():
+    runner = _fit(epochs=1)[1]
+    split = quadrant_dataset().val
+    loss, acc, predictions = evaluate(runner, split, 16)  # 16 + 4
+    expected = summarise([(runner.predict_logits(split.images), split.labels)])
+    assert (loss, acc) == pytest.approx(expected[:2], rel=1e-12)
+    np.testing.assert_array_equal(predictions, expected[2])
+
+
+def test_train_state_round_trips_and_ignores_keys_it_does_not_know():
+    state = TrainState(epoch=2, batch=3, loss_sum=1.5, best_val_loss=0.25, best_epoch=1, history=[{"epoch": 0}])
+    assert TrainState.from_dict({**state.to_dict(), "from_a_newer_version": 1}) == state
+    assert TrainState().best_val_loss == math.inf and TrainState().best_epoch == -1
