@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -29,6 +30,7 @@ class SoftmaxRegression:
         self.steps = 0
         self.syncs: List[int] = []  # self.steps at each train_metrics call
         self.step_sums: List[Tuple[float, int, int]] = []  # (loss sum, correct, images) of every step
+        self.labels_seen: List[np.ndarray] = []  # every step's labels, in the order they came
         self._loss_sum, self._correct, self._count = 0.0, 0, 0
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
@@ -44,6 +46,7 @@ class SoftmaxRegression:
         self.kernel -= self.lr * p.T @ x / len(labels)
         self.bias -= self.lr * p.sum(axis=0) / len(labels)
         self.steps += 1
+        self.labels_seen.append(labels.copy())
         self.step_sums.append((loss, correct, len(labels)))
         self._loss_sum, self._correct, self._count = self._loss_sum + loss, self._correct + correct, self._count + len(labels)
 
@@ -70,13 +73,15 @@ class SoftmaxRegression:
 
 
 class SignalAt(SoftmaxRegression):
-    """Sends this process SIGINT during its ``at``-th step (counted from 1), as a user's Ctrl-C would."""
+    """Sends this process SIGINT during its ``at``-th step (counted from 1), as a user's Ctrl-C would; each step
+    takes at least ``seconds``, for tests of the time accounting."""
 
-    def __init__(self, *args, at: Optional[int] = None, **kwargs):
+    def __init__(self, *args, at: Optional[int] = None, seconds: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.at = at
+        self.at, self.seconds = at, seconds
 
     def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+        time.sleep(self.seconds)
         super().train_step(images, labels)
         if self.steps == self.at:
             os.kill(os.getpid(), signal.SIGINT)

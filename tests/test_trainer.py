@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from cnnrun.config import AugmentConfig, TrainerConfig
+from cnnrun.data.pipeline import epoch_order
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.metrics import summarise
 from cnnrun.progress import ProgressView
@@ -36,20 +39,38 @@ class RecordingLogger(NullLogger):
         self.calls.append((step, dict(metrics)))
 
 
+class RecordingView(ProgressView):
+    """The real (non-terminal) view, keeping what the progress bar was told."""
+
+    def __init__(self, epochs):
+        super().__init__(False, epochs)
+        self.starts, self.updates = [], []
+
+    def start_epoch(self, epoch, steps, done=0):
+        super().start_epoch(epoch, steps, done)
+        self.starts.append((epoch, steps, done))
+
+    def update(self, steps_done, loss, acc, images_per_s):
+        super().update(steps_done, loss, acc, images_per_s)
+        self.updates.append((steps_done, loss, acc, images_per_s))
+
+
 def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment=None, **trainer):
+    """Train; returns what came out: state, runner, saved checkpoints, logger, view, error, wall seconds."""
     runner = runner or SoftmaxRegression(16, 4)
     saved = []  # (kind, the state as a checkpoint stores it, the runner's weights then)
-    logger = RecordingLogger()
+    logger, view = RecordingLogger(), RecordingView(epochs)
     cfg = TrainerConfig(epochs=epochs, patience=patience, batch_size=8, eval_batch_size=16, log_every=3,
                         progress=False, **trainer)
-    loop = Trainer(runner, dataset or quadrant_dataset(), cfg, logger, ProgressView(False, epochs),
+    loop = Trainer(runner, dataset or quadrant_dataset(), cfg, logger, view,
                    lambda kind, s: saved.append((kind, s.to_dict(), runner.get_weights())))
-    error = None
+    error, started = None, time.perf_counter()
     try:
         state = loop.fit(state, augment)
     except TrainingInterrupted as err:
         error = err
-    return state, runner, saved, logger, error
+    return SimpleNamespace(state=state, runner=runner, saved=saved, logger=logger, view=view, error=error,
+                           wall=time.perf_counter() - started)
 
 
 def _epoch_means(runner, epoch):
@@ -59,7 +80,8 @@ def _epoch_means(runner, epoch):
 
 
 def test_each_epoch_row_holds_the_exact_means_and_reaches_the_tracker():
-    state, runner, saved, logger, _ = _fit(epochs=2)
+    fit = _fit(epochs=2)
+    state, runner, logger = fit.state, fit.runner, fit.logger
     assert [row["epoch"] for row in state.history] == [0, 1]
     for row in state.history:
         loss, acc, count = _epoch_means(runner, row["epoch"])
@@ -72,12 +94,27 @@ def test_each_epoch_row_holds_the_exact_means_and_reaches_the_tracker():
         assert metrics == {"train_loss": row["train_loss"], "train_acc": row["train_acc"], "val_loss": row["val_loss"],
                            "val_acc": row["val_acc"], "epoch_seconds": row["seconds"],
                            "images_per_s": row["images_per_s"]}
+    assert all(row["seconds"] <= fit.wall for row in state.history)
     # the epoch in progress is reset once it is recorded
     assert (state.epoch, state.batch, state.loss_sum, state.correct, state.count, state.seconds) == (2, 0, 0, 0, 0, 0)
 
 
+def test_the_progress_view_shows_running_means_at_each_sync():
+    fit = _fit(epochs=2)
+    assert fit.view.starts == [(0, STEPS, 0), (1, STEPS, 0)]
+    assert [u[0] for u in fit.view.updates] == [3, 6, 8, 3, 6, 8]
+    for i, (done, loss, acc, images_per_s) in enumerate(fit.view.updates):
+        epoch = i // 3
+        sums = fit.runner.step_sums[epoch * STEPS : epoch * STEPS + done]
+        count = sum(n for _, _, n in sums)
+        assert loss == pytest.approx(sum(s for s, _, _ in sums) / count, rel=1e-12)
+        assert acc == pytest.approx(sum(c for _, c, _ in sums) / count, rel=1e-12)
+        assert count / fit.wall <= images_per_s < math.inf
+
+
 def test_a_learnable_task_improves_every_epoch_and_keeps_each_as_best():
-    state, runner, saved, _, _ = _fit(epochs=3)
+    fit = _fit(epochs=3)
+    state, saved = fit.state, fit.saved
     losses = [row["val_loss"] for row in state.history]
     assert losses == sorted(losses, reverse=True) and state.best_val_loss == losses[-1]
     assert (state.best_epoch, state.bad_epochs, state.stopped_early) == (2, 0, False)
@@ -87,7 +124,8 @@ def test_a_learnable_task_improves_every_epoch_and_keeps_each_as_best():
 
 
 def test_early_stopping_after_patience_epochs_without_improvement():
-    state, _, saved, _, _ = _fit(epochs=10, patience=2, dataset=quadrant_dataset(val_shift=1))
+    fit = _fit(epochs=10, patience=2, dataset=quadrant_dataset(val_shift=1))
+    state, saved = fit.state, fit.saved
     losses = [row["val_loss"] for row in state.history]
     assert len(losses) == 3 and losses[0] < losses[1] < losses[2]
     assert (state.epoch, state.best_epoch, state.bad_epochs, state.stopped_early) == (3, 0, 2, True)
@@ -95,13 +133,50 @@ def test_early_stopping_after_patience_epochs_without_improvement():
     assert [(kind, s["epoch"]) for kind, s, _ in saved] == [("best", 1), ("last", 1), ("last", 2), ("last", 3)]
 
 
+def test_an_equal_validation_loss_is_no_improvement():
+    """A network that does not move (learning rate 0) repeats its validation loss: that is a plateau."""
+    fit = _fit(epochs=10, patience=2, runner=SoftmaxRegression(16, 4, lr=0.0))
+    assert len({row["val_loss"] for row in fit.state.history}) == 1
+    assert (fit.state.epoch, fit.state.best_epoch, fit.state.stopped_early) == (3, 0, True)
+    assert [kind for kind, _, _ in fit.saved].count("best") == 1
+
+
+def test_each_epoch_visits_every_training_image_once_in_its_seeded_order():
+    fit = _fit(epochs=2, seed=7)
+    train = quadrant_dataset().train
+    for epoch in range(2):
+        seen = np.concatenate(fit.runner.labels_seen[epoch * STEPS : (epoch + 1) * STEPS])
+        np.testing.assert_array_equal(seen, train.labels[epoch_order(len(train), 7, epoch)])
+    assert not np.array_equal(epoch_order(len(train), 7, 0), epoch_order(len(train), 7, 1))
+
+
+def test_time_is_accounted_across_interruptions():
+    """An epoch interrupted twice: its row counts the seconds of every part, not just the last."""
+    first = _fit(epochs=2, runner=SignalAt(16, 4, at=STEPS + 3, seconds=0.02))
+    kind, progress, weights = first.saved[-1]
+    assert progress["seconds"] >= 3 * 0.02
+
+    def resume(progress, weights, at):
+        runner = SignalAt(16, 4, at=at)
+        runner.set_weights(weights)
+        runner.set_training_state({"steps": np.array([progress["batch"] + STEPS])})
+        return _fit(epochs=2, runner=runner, state=TrainState.from_dict(progress))
+
+    second = resume(progress, weights, at=STEPS + 5)
+    _, progress2, weights2 = second.saved[-1]
+    assert progress2["batch"] == 5 and progress2["seconds"] >= progress["seconds"]
+    third = resume(progress2, weights2, at=None)
+    assert third.state.history[1]["seconds"] >= progress2["seconds"]
+    assert third.state.history[1]["seconds"] <= first.wall + second.wall + third.wall
+
+
 def test_without_patience_every_epoch_runs():
-    state, _, _, _, _ = _fit(epochs=4, patience=None, dataset=quadrant_dataset(val_shift=1))
+    state = _fit(epochs=4, patience=None, dataset=quadrant_dataset(val_shift=1)).state
     assert (state.epoch, state.best_epoch, state.bad_epochs, state.stopped_early) == (4, 0, 3, False)
 
 
 def test_the_loop_syncs_every_log_every_steps_and_at_the_end_of_each_epoch():
-    _, runner, _, _, _ = _fit(epochs=2)
+    runner = _fit(epochs=2).runner
     assert runner.syncs == [3, 6, 8, 11, 14, 16]
 
 
@@ -119,8 +194,9 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(at):
     what the last checkpoint holds: the same epoch table and the same weights, to the bit."""
     augment = AugmentConfig(random_crop_padding=1, horizontal_flip=True)
     handler = signal.getsignal(signal.SIGINT)
-    _, straight, _, _, _ = _fit(epochs=3, augment=augment)
-    _, runner, saved, _, error = _fit(epochs=3, augment=augment, runner=SignalAt(16, 4, at=at))
+    straight = _fit(epochs=3, augment=augment).runner
+    interrupted = _fit(epochs=3, augment=augment, runner=SignalAt(16, 4, at=at))
+    error, saved = interrupted.error, interrupted.saved
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler is gone once it stops
     epoch, step = divmod(at, STEPS)
     if step:
@@ -134,23 +210,26 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(at):
 
     resumed = SoftmaxRegression(16, 4)
     resumed.set_weights(weights)
-    state, resumed, _, _, _ = _fit(epochs=3, augment=augment, runner=resumed, state=TrainState.from_dict(progress))
-    for a, b in zip(state.history, _fit(epochs=3, augment=augment)[0].history):
+    fit = _fit(epochs=3, augment=augment, runner=resumed, state=TrainState.from_dict(progress))
+    state = fit.state
+    assert fit.view.starts[0] == (epoch, STEPS, step)  # the progress bar starts where the run stopped
+    for a, b in zip(state.history, _fit(epochs=3, augment=augment).state.history):
         assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == pytest.approx(
             {k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}, rel=1e-12)
     np.testing.assert_array_equal(resumed.kernel, straight.kernel)
 
 
 def test_augmentation_changes_what_is_trained_on():
-    plain = _fit(epochs=1)[1]
-    flipped = _fit(epochs=1, augment=AugmentConfig(horizontal_flip=True))[1]
+    plain = _fit(epochs=1).runner
+    flipped = _fit(epochs=1, augment=AugmentConfig(horizontal_flip=True)).runner
     assert not np.array_equal(plain.kernel, flipped.kernel)
-    off = _fit(epochs=1, augment=AugmentConfig())[1]
+    off = _fit(epochs=1, augment=AugmentConfig()).runner
     np.testing.assert_array_equal(plain.kernel, off.kernel)
 
 
 def test_max_time_stops_after_the_step_in_progress():
-    state, runner, saved, _, error = _fit(epochs=2, max_time=1e-9)
+    fit = _fit(epochs=2, max_time=1e-9)
+    runner, saved, error = fit.runner, fit.saved, fit.error
     assert str(error) == f"stopped by trainer.max_time in epoch 1 after step 1/{STEPS}; state saved"
     assert runner.steps == 1 and [kind for kind, _, _ in saved] == ["last"]
 
@@ -193,7 +272,7 @@ def test_a_time_budget_not_yet_spent_does_not_stop():
 
 
 def test_evaluate_covers_the_whole_split_in_batches():
-    runner = _fit(epochs=1)[1]
+    runner = _fit(epochs=1).runner
     split = quadrant_dataset().val
     loss, acc, predictions = evaluate(runner, split, 16)  # 16 + 4
     expected = summarise([(runner.predict_logits(split.images), split.labels)])
