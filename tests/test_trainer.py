@@ -261,12 +261,12 @@ def test_outside_the_main_thread_only_the_time_budget_applies():
 
     def work():
         with StopSignal(1e-9) as stop:
-            results.append((stop.requested, stop.reason, dict(stop._previous)))
+            results.append((stop.requested, stop.reason))
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert results == [(True, "trainer.max_time", {})]
+    assert results == [(True, "trainer.max_time")]  # and no error for the handlers it could not install
 
 
 def test_a_time_budget_not_yet_spent_does_not_stop():
