@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD"  # mutmut puts mutants/ ahead of this, so the tests import the mutated copy
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then  # the project's venv (scripts/install.sh) if there is one, else the active python
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 MODULES=(cnnrun.layout cnnrun.spec.shapes cnnrun.checkpoint cnnrun.resume cnnrun.spec.compiler cnnrun.trainer)
 if [ "$#" -gt 0 ]; then MODULES=("$@"); fi
 for module in "${MODULES[@]}"; do
