@@ -16,6 +16,7 @@ if [ -z "${PYTHON:-}" ]; then  # the project's venv (scripts/install.sh) if ther
 fi
 MODULES=(cnnrun.layout cnnrun.spec.shapes cnnrun.checkpoint cnnrun.resume cnnrun.spec.compiler cnnrun.trainer)
 if [ "$#" -gt 0 ]; then MODULES=("$@"); fi
+mkdir -p mutants
 for module in "${MODULES[@]}"; do
     echo "== $module"
     # Naming the mutants makes mutmut test them again even when it has a result from an earlier run.
