@@ -86,7 +86,6 @@ def test_resume_last_looks_under_the_working_directory(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_model_lists_the_layers_that_differ(tmp_path):
-    ctx = _context(tmp_path)
     other = _context(tmp_path, "model.layers.0.filters=8", "model.layers.5.units=24")
     path = _save(tmp_path / "last.safetensors", other)
     with pytest.raises(UserError) as err:
@@ -95,7 +94,6 @@ def test_a_checkpoint_of_another_model_lists_the_layers_that_differ(tmp_path):
     assert lines[0] == f"trainer.resume={path}: {path} was trained with a different model:"
     assert [line.split(":")[0] for line in lines[1:]] == ["  model.layers[0]", "  model.layers[5]"]
     assert "filters: 8" in lines[1] and "filters: 4" in lines[1]
-    assert ctx.compiled.spec != other.compiled.spec
 
 
 def test_a_checkpoint_whose_spec_is_invalid_is_refused_as_a_user_error(tmp_path):
