@@ -27,14 +27,14 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
-        from cnnrun.backends import validate_options
+        from cnnrun.backends import check_framework
 
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
         cfg = None
         try:
             cfg = validate_run_config(raw, "the config")
-            validate_options(cfg.framework.name, cfg.framework.options())
+            check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
         except ConfigError as err:
             problems += err.problems
         try:  # the spec too, so that one message lists every problem
