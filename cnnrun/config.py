@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec.validation import problems_from
@@ -99,6 +99,13 @@ class TrackingConfig(_Group):
     register_model: Optional[str] = Field(
         default=None, min_length=1, description="Register the logged model under this name in the model registry."
     )
+
+    @model_validator(mode="after")
+    def _registering_needs_the_model(self) -> "TrackingConfig":
+        if self.register_model and not (self.log_model and self.enabled):
+            raise ValueError(f"tracking.register_model={self.register_model} registers the logged model: it needs "
+                             "tracking.log_model=true and tracking.enabled=true")
+        return self
 
 
 class SweepConfig(_Group):

@@ -27,14 +27,15 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
-        from cnnrun.backends import check_framework
-
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
         cfg = None
         try:
             cfg = validate_run_config(raw, "the config")
-            check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
+        except ConfigError as err:
+            problems += err.problems
+        try:  # the framework too, so that one message lists every problem
+            _check_framework(cfg, raw)
         except ConfigError as err:
             problems += err.problems
         try:  # the spec too, so that one message lists every problem
@@ -74,6 +75,25 @@ class RunContext:
 
 HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
+
+
+def _check_framework(cfg, raw: Dict[str, Any]) -> None:
+    """The framework and its options suit the task; from the raw config when the rest of it is invalid."""
+    from cnnrun.backends import check_framework
+    from cnnrun.errors import UserError
+
+    if cfg is not None:
+        check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
+        return
+    framework = raw.get("framework")
+    if not isinstance(framework, dict) or not isinstance(framework.get("name"), str):
+        return  # reported by the config's own validation
+    try:
+        check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
+    except ConfigError:
+        raise
+    except UserError:  # an unknown framework name: said once the rest of the config is valid
+        pass
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:
