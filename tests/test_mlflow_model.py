@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +19,7 @@ from PIL import Image
 from cnnrun.config import DatasetConfig
 from cnnrun.data import load_dataset
 from tests.helpers import mlflow_runs, run_cli
-from tests.tiny import TINY, free_port
+from tests.tiny import TINY, free_port, kill_group, wait_until_up
 
 REGISTERED = "digits"
 
@@ -154,18 +152,8 @@ class ServedModel:
                                         env=env, start_new_session=True)
 
     def wait(self, timeout: float = 300) -> "ServedModel":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with {self.process.returncode}:\n"
-                                   f"{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"the model server did not answer in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_until_up(self.process, f"{self.url}/ping", self.log, "mlflow models serve", timeout)
+        return self
 
     def invoke(self, payload) -> tuple:
         """(HTTP status, decoded JSON body) of POST /invocations."""
@@ -178,12 +166,7 @@ class ServedModel:
             return err.code, json.loads(err.read() or b"{}")
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=30)
+        kill_group(self.process)
 
 
 @pytest.mark.slow
