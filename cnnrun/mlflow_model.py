@@ -50,7 +50,7 @@ class CnnrunModel(PythonModel):
     _skip_type_hint_validation = True  # predict checks its input itself (see as_images)
 
     def load_context(self, context) -> None:
-        self.predictor = load_predictor(Path(context.artifacts[ARTIFACT]))
+        self.predictor = load_with_any_framework(Path(context.artifacts[ARTIFACT]))
 
     def predict(self, context, model_input, params: Optional[dict] = None) -> np.ndarray:
         from cnnrun.predictor import probabilities
@@ -64,7 +64,7 @@ class CnnrunModel(PythonModel):
         return probabilities(self.predictor, images, int((params or {}).get("batch_size", 256)))
 
 
-def load_predictor(path: Path):
+def load_with_any_framework(path: Path):
     """The checkpoint's predictor on the CPU, in the framework it was trained with if installed, else another."""
     from cnnrun import checkpoint as ckpt_io
     from cnnrun.backends import BACKENDS

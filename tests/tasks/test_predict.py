@@ -169,6 +169,22 @@ def test_unreadable_files_are_named_and_the_others_predicted(tmp_path):
         assert name in result.stdout
 
 
+def test_a_list_of_inputs_mixes_files_folders_and_globs_and_predicts_each_file_once(tmp_path):
+    checkpoint = _save_checkpoint(tmp_path / "model.safetensors")
+    for name in ("photos/a.png", "photos/deep/b.jpg", "shots/c.png", "shots/d.png", "e.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8)).convert("RGB").save(tmp_path / name)
+    output = tmp_path / "preds.json"
+    result = _predict(tmp_path, [f"checkpoint={checkpoint}", "inputs=[e.png,photos,shots/*.png,photos/a.png]",
+                                 "predict.top_k=1", f"predict.output={output}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(output.read_text())
+    assert [p["file"] for p in data["predictions"]] == ["e.png", "photos/a.png", "photos/deep/b.jpg", "shots/c.png",
+                                                        "shots/d.png"]
+    assert data["framework"] == "torch" and data["top_k"] == 1
+    assert all(len(p["top"]) == 1 and p["top"][0]["class"].startswith("digit") for p in data["predictions"])
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["inputs=photos"], ["checkpoint: task=predict needs a model"]),
     (["checkpoint=model.safetensors"], ["inputs: task=predict needs the images"]),
