@@ -62,8 +62,8 @@ class RunContext:
     def config_hash(self) -> str:
         """Identifies what a run computes, to skip finished sweep jobs (cnnrun.sweep.resume).
 
-        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress), and the
-        CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
+        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress),
+        task=predict's settings (inputs, predict), and the CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
         identical jobs of two invocations. Hydra's output directory is not part of the config.
         """
         relevant = {k: v for k, v in self.raw.items() if k not in HASH_IGNORED_GROUPS}
@@ -73,7 +73,7 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
 
 
