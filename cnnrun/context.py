@@ -63,8 +63,9 @@ class RunContext:
         """Identifies what a run computes, to skip finished sweep jobs (cnnrun.sweep.resume).
 
         Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress),
-        task=predict's settings (inputs, predict), and the CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
-        identical jobs of two invocations. Hydra's output directory is not part of the config.
+        task=predict's settings (inputs, predict), and the CPU threads and GPU index a parallel sweep hands each
+        job (cnnrun.sweep.resources), which differ between identical jobs of two invocations. Hydra's output
+        directory is not part of the config.
         """
         relevant = {k: v for k, v in self.raw.items() if k not in HASH_IGNORED_GROUPS}
         for group, key in HASH_IGNORED_KEYS:
