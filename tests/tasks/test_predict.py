@@ -146,6 +146,7 @@ def _images_of_every_kind(folder: Path) -> list:
     return ["big.jpg", "gray.png", "palette.png", "rgba.png", "sixteen.png"]
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_named_and_the_others_predicted(tmp_path):
     checkpoint = _save_checkpoint(tmp_path / "model.safetensors")
     good = _images_of_every_kind(tmp_path / "photos")
@@ -169,6 +170,7 @@ def test_unreadable_files_are_named_and_the_others_predicted(tmp_path):
         assert name in result.stdout
 
 
+@pytest.mark.slow
 def test_a_list_of_inputs_mixes_files_folders_and_globs_and_predicts_each_file_once(tmp_path):
     checkpoint = _save_checkpoint(tmp_path / "model.safetensors")
     for name in ("photos/a.png", "photos/deep/b.jpg", "shots/c.png", "shots/d.png", "e.png"):
@@ -199,10 +201,13 @@ def test_a_list_of_inputs_mixes_files_folders_and_globs_and_predicts_each_file_o
      ["predict.output", "expected a file name ending in .csv or .json"]),
     (["checkpoint=model.safetensors", "inputs=photos", "framework=onnx"],
      ["framework=onnx runs exported .onnx models", "task=export"]),
+    (["checkpoint=model.onnx", "inputs=photos", "framework=torch"],
+     ["checkpoint=model.onnx is an exported ONNX model: predict with framework=onnx"]),
 ], ids=["no-checkpoint", "no-inputs", "nothing-exists", "glob-matches-nothing", "empty-folder", "top-k-zero",
-        "top-k-above-classes", "output-format", "onnx-for-a-checkpoint"])
+        "top-k-above-classes", "output-format", "onnx-for-a-checkpoint", "a-framework-for-an-onnx-model"])
 def test_mistakes_exit_2_with_a_clear_message(tmp_path, args, fragments):
     _save_checkpoint(tmp_path / "model.safetensors")
+    (tmp_path / "model.onnx").write_bytes(b"not read: the framework is wrong")
     (tmp_path / "photos").mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "photos" / "a.png")
     (tmp_path / "empty").mkdir()
