@@ -67,14 +67,18 @@ class DatasetConfig(_Group):
 class OptimizerConfig(_Group):
     """Every hyperparameter stated, so that each framework runs the same update (their defaults differ)."""
 
-    name: Literal["adam", "sgd"]
+    name: Literal["adam", "adamw", "sgd", "rmsprop"]
     lr: float = Field(gt=0.0)
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
     eps: float = Field(default=1e-7, gt=0.0)
+    alpha: float = Field(default=0.99, ge=0.0, lt=1.0, description="RMSprop's smoothing of the squared gradient.")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty added to the gradient.")
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, description="L2 penalty added to the gradient; adamw: decoupled decay of the weights."
+    )
+    clip_norm: Optional[float] = Field(default=None, gt=0.0, description="Clip gradients to this global L2 norm.")
 
 
 class TrainerConfig(_Group):
@@ -88,6 +92,7 @@ class TrainerConfig(_Group):
     max_time: Optional[float] = Field(default=None, gt=0, description="Seconds; stop cleanly after this long.")
     resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
     progress: bool = True
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
 
 
 class TrackingConfig(_Group):
@@ -132,6 +137,8 @@ class RunConfig(_Group):
     optimizer: OptimizerConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
+    schedule: Dict[str, Any] = Field(default_factory=lambda: {"name": "constant"},
+                                     description="The learning-rate schedule; checked by cnnrun.schedules.")
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
     checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate (task=eval).")
