@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches
+from cnnrun.data.augment import augment_batch, mix_batch, mixes
+from cnnrun.data.pipeline import epoch_order, iterate_batches
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
 from cnnrun.schedules import LearningRate
@@ -143,17 +144,24 @@ class Trainer:
         epoch = state.epoch
         steps = math.ceil(len(train) / cfg.batch_size)
         order = epoch_order(len(train), cfg.seed, epoch)
-        use_augment = augment is not None and (augment.random_crop_padding or augment.horizontal_flip)
+        use_augment = augment is not None and augment.any
+        use_mix = use_augment and mixes(augment)
         self.view.start_epoch(epoch, steps, state.batch)
         started = time.perf_counter()
         since_sync = 0
         for images, labels in iterate_batches(train, cfg.batch_size, order, start_batch=state.batch):
+            mix = None
             if use_augment:  # seeded per batch, so a run resumed mid-epoch augments exactly as it would have
                 rng = np.random.default_rng([cfg.seed, epoch, state.batch, 1])
                 images = augment_batch(images, augment, rng)
+                if use_mix:
+                    images, mix = mix_batch(images, labels, augment, rng)
             if self.learning_rate is not None:
                 self._set_rate(epoch, state.batch, steps, state)
-            self.runner.train_step(images, labels)
+            if mix is None:
+                self.runner.train_step(images, labels)
+            else:
+                self.runner.train_step(images, labels, mix)
             state.batch += 1
             since_sync += 1
             if since_sync == cfg.log_every or state.batch == steps or stop.requested:

@@ -27,8 +27,12 @@ class Runner(Protocol):
 
     device_name: str  # what it really runs on, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed."""
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed.
+
+        ``mix`` (a :class:`cnnrun.data.augment.Mix`, for mixup/cutmix batches): the loss is
+        λ·CE(labels) + (1 − λ)·CE(mix.partner_labels); accuracy still counts against ``labels``.
+        """
 
     def set_learning_rate(self, lr: float) -> None:
         """The rate for the next steps (a schedule's value; see :mod:`cnnrun.schedules`)."""

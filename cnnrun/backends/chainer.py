@@ -402,12 +402,15 @@ class ChainerRunner:
         x *= self.inv_std
         return x
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         x = self._inputs(images)
         t = self.xp.asarray(labels.astype(np.int32, copy=False))
         with self._config(train=True):
             logits = self.net(x)
             loss = cross_entropy(logits, t, self.label_smoothing)
+            if mix is not None:
+                partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
+                loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
             loss.backward()
             if self.clip_norm:

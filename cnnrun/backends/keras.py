@@ -439,18 +439,16 @@ class KerasTorchRunner:
         x = self.torch.from_numpy(images).to(self.device, non_blocking=True).float()
         return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        import torch.nn.functional as F
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        from cnnrun.backends.torch import clip_gradients, cross_entropy
 
         y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
         with self.keras.device(self.scope):
             logits = self.keras_model(self._inputs(images), training=True)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm:
-            from cnnrun.backends.torch import clip_gradients
-
             clip_gradients(self.optimizer, self.clip_norm)
         self.optimizer.step()
         with self.torch.no_grad():

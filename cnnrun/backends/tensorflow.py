@@ -545,16 +545,22 @@ class TensorFlowRunner:
         # Fixed signatures: one trace serves every batch size, the last short batch included.
         jit = bool(options.jit_compile)
         self._train = tf.function(self._train_step, input_signature=[images, labels], jit_compile=jit)
+        # Mixup/cutmix batches: their own trace (partner labels and λ), so plain batches pay nothing for them.
+        lam = tf.TensorSpec((), tf.float32)
+        self._train_mixed = tf.function(self._train_step, input_signature=[images, labels, labels, lam],
+                                        jit_compile=jit)
         self._predict = tf.function(self._logits, input_signature=[images], jit_compile=jit)
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
         return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> None:
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, partners=None, lam=None) -> None:
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
             logits = self.net(self._inputs(images), training=True)
             loss = sparse_cross_entropy(labels, logits, self.label_smoothing)
+            if partners is not None:
+                loss = lam * loss + (1.0 - lam) * sparse_cross_entropy(partners, logits, self.label_smoothing)
         grads = tape.gradient(loss, variables)
         if self.clip_norm:
             grads = clip_by_global_norm(grads, self.clip_norm)
@@ -565,9 +571,13 @@ class TensorFlowRunner:
     def _logits(self, images: tf.Tensor) -> tf.Tensor:
         return self.net(self._inputs(images), training=False)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         with tf.device(self.device):
-            self._train(images, labels.astype(np.int64, copy=False))
+            if mix is None:
+                self._train(images, labels.astype(np.int64, copy=False))
+            else:
+                self._train_mixed(images, labels.astype(np.int64, copy=False),
+                                  mix.partner_labels.astype(np.int64, copy=False), np.float32(mix.lam))
         self._count += len(labels)
 
     def set_learning_rate(self, lr: float) -> None:

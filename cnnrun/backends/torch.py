@@ -264,12 +264,12 @@ class TorchRunner:
         x = (x - self.mean) * self.inv_std
         return x.contiguous(memory_format=self.memory_format)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         self.net.train()
         x = self._inputs(images)
         y = torch.from_numpy(labels).to(self.device, non_blocking=True)
         logits = self.forward(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm:
@@ -354,6 +354,16 @@ def make_optimizer(params, cfg, fused: bool):
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=fused
     )
+
+
+def cross_entropy(logits, labels, label_smoothing: float, mix=None):
+    """The training loss: softmax cross-entropy with torch's label smoothing; for a mixup/cutmix batch,
+    λ·CE(labels) + (1 − λ)·CE(partner labels). Also the loss of Keras on the torch backend."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if mix is None:
+        return loss
+    partners = torch.from_numpy(mix.partner_labels).to(labels.device, non_blocking=True)
+    return mix.lam * loss + (1.0 - mix.lam) * F.cross_entropy(logits, partners, label_smoothing=label_smoothing)
 
 
 def clip_gradients(optimizer, max_norm: float) -> None:

@@ -16,7 +16,8 @@ its options, and cases; each case is a spec, an input shape, a data .npz (canoni
 - ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework.
 
 ``train`` and ``resume`` also take a ``schedule`` (the rate set before every step, as the trainer does, the steps
-being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group.
+being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group. ``train``
+with ``mix_lams`` (one λ per step) trains mixed batches against the data's ``batch_partner_labels``.
 
 Output keys: ``<case>/<command id>/<what>``, plus ``modules/<package>`` = 1 for each framework package the
 process ended up importing.
@@ -32,6 +33,7 @@ import numpy as np
 
 from cnnrun.backends import create_runner, validate_options
 from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.data.augment import Mix
 from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.spec import CompiledModel, compile_model
 
@@ -131,7 +133,10 @@ class Worker:
         losses = []
         for i, (images, labels) in enumerate(zip(data["batch_images"], data["batch_labels"])):
             set_rate(runner, i)
-            runner.train_step(images, labels)
+            if "mix_lams" in command:
+                runner.train_step(images, labels, Mix(data["batch_partner_labels"][i], command["mix_lams"][i]))
+            else:
+                runner.train_step(images, labels)
             losses.append(runner.train_metrics()[0])
         self.out[f"{key}/losses"] = np.asarray(losses, np.float64)
         for name, value in runner.get_weights().items():

@@ -56,7 +56,14 @@ RECIPES: Dict[str, Dict] = {
     "sgd_clip": {"optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "clip_norm": 0.5}},
     "sgd_noclip": {"optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}},
     "adam_smooth": {"optimizer": {"name": "adam", "lr": 0.001, "eps": 1e-7}, "label_smoothing": 0.2},
+    # mixup/cutmix batches: λ·CE(labels) + (1 − λ)·CE(partners), with label smoothing inside each term
+    "sgd_mix_smooth": {"optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}, "label_smoothing": 0.1,
+                       "mix_lams": [0.7, 0.35, 0.9, 0.5, 0.15, 0.6]},
+    "sgd_smooth": {"optimizer": {"name": "sgd", "lr": 0.02, "momentum": 0.9}, "label_smoothing": 0.1},
 }
+# Pairs of recipes that differ in one setting: the reference must move apart, or the setting goes untested.
+SWITCHES = {"clip_norm": ("sgd_clip", "sgd_noclip"), "label_smoothing": ("sgd_smooth", "sgd_noclip"),
+            "mix": ("sgd_mix_smooth", "sgd_smooth")}
 
 # A few hundred steps of every schedule, read back from each framework's optimizer.
 RATE_EPOCHS, RATE_STEPS = 5, 60
@@ -80,6 +87,7 @@ def results(tmp_path_factory) -> Results:
     data = {f"weights/{k}": v for k, v in make_weights(model, 7).items()}
     data["batch_images"] = rng.integers(0, 256, (STEPS, BATCH, h, w, c), dtype=np.uint8)
     data["batch_labels"] = rng.integers(0, 10, (STEPS, BATCH)).astype(np.int64)
+    data["batch_partner_labels"] = rng.integers(0, 10, (STEPS, BATCH)).astype(np.int64)
     np.savez(folder / "recipe.npz", **data)
     commands = [{"kind": "train", "id": name, **recipe} for name, recipe in RECIPES.items()]
     commands.append({"kind": "resume", **RECIPES["rmsprop_momentum_onecycle"]})
@@ -123,12 +131,11 @@ def test_recipe_training_steps_match_the_reference(results, variant, recipe):
 WEIGHT_ATOL = 2e-5
 
 
-def test_clipping_changes_the_update_in_the_reference(results):
-    """sgd_clip and sgd_noclip differ only in clip_norm: if clipping did nothing, the recipes would not test it."""
+@pytest.mark.parametrize("setting", list(SWITCHES))
+def test_each_setting_changes_the_update_in_the_reference(results, setting):
     reference = results(Variant(REFERENCE, REFERENCE))
-    clipped = _prefixed(reference, "recipe/sgd_clip/weights/")
-    plain = _prefixed(reference, "recipe/sgd_noclip/weights/")
-    assert max(np.abs(clipped[n] - plain[n]).max() for n in clipped) > 1e-2
+    on, off = (_prefixed(reference, f"recipe/{name}/weights/") for name in SWITCHES[setting])
+    assert max(np.abs(on[n] - off[n]).max() for n in on) > 1e-3
 
 
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])

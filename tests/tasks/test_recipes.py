@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnrun.backends import TorchOptions, create_runner
-from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
+from cnnrun.config import AugmentConfig, DeviceConfig, OptimizerConfig, TrainerConfig
 from cnnrun.data import Dataset, Split, load_dataset
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.progress import ProgressView
@@ -38,6 +38,9 @@ SCHEDULES = {
     "plateau": {"name": "plateau", "factor": 0.5, "patience": 0, "threshold": 0.9, "cooldown": 0, "min_lr": 0.0},
 }
 EPOCHS, BATCH = 3, 40  # 8 steps per epoch on 300 images (the last batch of 20)
+# Every augmentation on: each draws from the per-batch generator, which a resumed run must replay exactly.
+AUGMENT = AugmentConfig(random_resized_crop=True, resized_crop_scale=(0.5, 1.0), random_crop_padding=2,
+                        horizontal_flip=True, vertical_flip=True, mixup_alpha=0.4, cutmix_alpha=1.0)
 
 
 class Recording:
@@ -46,14 +49,15 @@ class Recording:
 
     def __init__(self, runner, interrupt_after: int = -1):
         self.runner, self.interrupt_after = runner, interrupt_after
-        self.rates, self.losses, self.steps = [], [], 0
+        self.rates, self.losses, self.steps, self.mixed = [], [], 0, 0
 
     def set_learning_rate(self, lr: float) -> None:
         self.runner.set_learning_rate(lr)
 
-    def train_step(self, images, labels) -> None:
+    def train_step(self, images, labels, mix=None) -> None:
         self.rates.append(self.runner.learning_rate())
-        self.runner.train_step(images, labels)
+        self.mixed += mix is not None
+        self.runner.train_step(images, labels, mix)
         self.steps += 1
         if self.steps == self.interrupt_after:
             os.kill(os.getpid(), signal.SIGINT)
@@ -98,19 +102,20 @@ def test_a_run_resumed_mid_schedule_sets_the_same_rates_and_ends_with_the_same_w
 ):
     straight_saved = {}
     straight = _trainer(dataset, schedule, {}, straight_saved)
-    straight.fit()
+    straight.fit(augment=AUGMENT)
     rates = straight.runner.rates
+    assert straight.runner.mixed == EPOCHS * 8
     assert len(rates) == EPOCHS * 8 and len(set(rates)) >= 2  # the schedule moves the rate
 
     saved = {}
     first = _trainer(dataset, schedule, {"interrupt_after": interrupt_after}, saved)
     with pytest.raises(TrainingInterrupted):
-        first.fit()
+        first.fit(augment=AUGMENT)
     state, weights, training_state = saved["last"]
     second = _trainer(dataset, schedule, {}, {})
     second.runner.set_weights(weights)
     second.runner.set_training_state(training_state)
-    final = second.fit(state)
+    final = second.fit(state, augment=AUGMENT)
 
     assert first.runner.rates + second.runner.rates == rates
     np.testing.assert_array_equal(first.runner.losses + second.runner.losses, straight.runner.losses)
