@@ -13,7 +13,8 @@ its options, and cases; each case is a spec, an input shape, a data .npz (canoni
 - ``train``: a fresh runner with the command's optimizer (and optional ``spec``), set the weights, one
   ``train_step`` + ``train_metrics`` per batch → per-step losses, then the final canonical weights;
 - ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state;
-- ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework.
+- ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework
+  (``val_losses``, one per epoch, drive ``plateau``).
 
 ``train`` and ``resume`` also take a ``schedule`` (the rate set before every step, as the trainer does, the steps
 being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group. ``train``
@@ -178,11 +179,12 @@ class Worker:
         """Every step's rate of a whole run (``epochs`` × ``steps_per_epoch``), as the framework holds it."""
         runner = self.runner(model, case, command["optimizer"])
         rate = LearningRate(validate_schedule(command["schedule"]), command["optimizer"]["lr"], command["epochs"])
-        steps, held = command["steps_per_epoch"], []
+        steps, held, state = command["steps_per_epoch"], [], rate.initial_state()
         for epoch in range(command["epochs"]):
             for step in range(steps):
-                runner.set_learning_rate(rate.at(epoch, step, steps, None))
+                runner.set_learning_rate(rate.at(epoch, step, steps, state))
                 held.append(runner.learning_rate())
+            state = rate.end_epoch(state, command.get("val_losses", [0.0] * command["epochs"])[epoch])
         self.out[f"{key}/rates"] = np.asarray(held, np.float64)
 
 

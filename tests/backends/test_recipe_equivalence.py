@@ -74,8 +74,10 @@ SCHEDULES = {
     "exponential": {"name": "exponential", "gamma": 0.7},
     "cosine": {"name": "cosine", "warmup_epochs": 1.5, "min_lr": 1e-5},
     "onecycle": {"name": "onecycle", "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e4},
+    "plateau": {"name": "plateau", "factor": 0.3, "patience": 0, "threshold": 1e-4, "cooldown": 0, "min_lr": 0.0},
 }
 RATE_LR = 0.003
+VAL_LOSSES = [1.0, 0.8, 0.85, 0.9, 0.7]  # plateau's input: two epochs without improvement, so two cuts
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def results(tmp_path_factory) -> Results:
     commands.append({"kind": "resume", **RECIPES["rmsprop_momentum_onecycle"]})
     commands += [
         {"kind": "rates", "id": f"rates_{name}", "schedule": schedule, "optimizer": {"name": "sgd", "lr": RATE_LR},
-         "epochs": RATE_EPOCHS, "steps_per_epoch": RATE_STEPS}
+         "epochs": RATE_EPOCHS, "steps_per_epoch": RATE_STEPS, "val_losses": VAL_LOSSES}
         for name, schedule in SCHEDULES.items()
     ]
     mean, std = _channel_stats(c)
@@ -106,7 +108,10 @@ def results(tmp_path_factory) -> Results:
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])
 def test_every_framework_holds_the_schedules_rate_at_every_step(results, variant, schedule):
     rate = LearningRate(validate_schedule(SCHEDULES[schedule]), RATE_LR, RATE_EPOCHS)
-    expected = [rate.at(e, s, RATE_STEPS, None) for e in range(RATE_EPOCHS) for s in range(RATE_STEPS)]
+    expected, state = [], rate.initial_state()
+    for epoch in range(RATE_EPOCHS):
+        expected += [rate.at(epoch, step, RATE_STEPS, state) for step in range(RATE_STEPS)]
+        state = rate.end_epoch(state, VAL_LOSSES[epoch])
     held = results(variant)[f"recipe/rates_{schedule}/rates"]
     assert len(held) == RATE_EPOCHS * RATE_STEPS
     np.testing.assert_allclose(held, expected, rtol=1e-7, atol=0)
