@@ -110,6 +110,20 @@ class SummaryConfig(_Group):
     format: Literal["table", "json"] = "table"
 
 
+class ExportConfig(_Group):
+    """task=export: which format, and where (default: beside the checkpoint, see cnnrun.export)."""
+
+    format: str = Field(default="onnx", description="onnx, torchscript, saved_model or keras.")
+    output: Optional[str] = Field(default=None, description="Where to write; default: beside the checkpoint.")
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from cnnrun.export import check_format_name
+
+        return check_format_name(value)
+
+
 class FrameworkConfig(BaseModel):
     """``name`` picks the backend; the other keys are that backend's options, checked by its own class."""
 
@@ -120,11 +134,11 @@ class FrameworkConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-TASKS = ("train", "summary", "eval", "validate")
+TASKS = ("train", "summary", "eval", "validate", "export")
 
 
 class RunConfig(_Group):
-    task: Literal["train", "summary", "eval", "validate"] = "train"
+    task: Literal["train", "summary", "eval", "validate", "export"] = "train"
     model: Dict[str, Any]
     framework: FrameworkConfig
     device: DeviceConfig
@@ -134,7 +148,8 @@ class RunConfig(_Group):
     tracking: TrackingConfig
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
-    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate (task=eval).")
+    export: ExportConfig = ExportConfig()
+    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate or export (task=eval/export).")
 
 
 def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:
@@ -170,6 +185,7 @@ __all__ = [
     "AugmentConfig",
     "DatasetConfig",
     "DeviceConfig",
+    "ExportConfig",
     "FrameworkConfig",
     "OptimizerConfig",
     "Problem",

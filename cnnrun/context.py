@@ -72,7 +72,7 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "export")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
 
 
