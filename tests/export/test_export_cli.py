@@ -1,0 +1,95 @@
+"""task=export through the CLI: where files go, what a bad request says, and that nothing is half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnrun.export import write_atomically
+from cnnrun.export.onnx_runtime import load_onnx_predictor
+from tests.export.test_onnx_export import CLASS_NAMES, checkpoint_for
+from tests.helpers import run_cli
+from tests.test_lazy_imports import loaded_after
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return checkpoint_for("classic_cnn", tmp_path_factory.mktemp("export_cli") / "run" / "model.safetensors")
+
+
+def test_onnx_export_writes_where_asked_and_imports_no_framework(checkpoint, tmp_path):
+    target = tmp_path / "served" / "digits.onnx"
+    args = ["task=export", f"checkpoint={checkpoint}", "export.format=onnx", f"export.output={target}"]
+    assert loaded_after(args, tmp_path) == set()  # no torch, tensorflow, keras or chainer
+    predictor = load_onnx_predictor(target)
+    assert predictor.class_names == list(CLASS_NAMES) and predictor.input_shape == (1, 28, 28)
+    assert predictor.predict_logits(np.zeros((2, 28, 28, 1), np.uint8)).shape == (2, 10)
+
+
+def test_onnx_export_defaults_to_beside_the_checkpoint_and_replaces_an_earlier_one(checkpoint, tmp_path):
+    target = checkpoint.with_suffix(".onnx")
+    target.write_bytes(b"an earlier export")
+    result = run_cli(["task=export", f"checkpoint={checkpoint}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "opset 17" in result.stderr and "logits (N, 10)" in result.stderr  # rich's console writes to stderr
+    assert load_onnx_predictor(target).input_shape == (1, 28, 28)
+
+
+BAD = [
+    ("unknown-format", ["export.format=onxx"], ["export.format", "'onnx', 'torchscript', 'saved_model' or 'keras'",
+                                                "did you mean 'onnx'"]),
+    ("no-checkpoint", [], ["task=export needs the checkpoint", "checkpoint=PATH"]),
+    ("missing-checkpoint", ["checkpoint={dir}/missing.safetensors"], ["missing.safetensors does not exist"]),
+    ("not-a-checkpoint", ["checkpoint={dir}/garbage.safetensors"], ["not a cnnrun checkpoint"]),
+    ("chainer-native", ["checkpoint={ckpt}", "framework=chainer", "export.format=torchscript"],
+     ["framework=chainer", "no native serving format", "Formats for framework=chainer: 'onnx'"]),
+    ("torch-savedmodel", ["checkpoint={ckpt}", "framework=torch", "export.format=saved_model"],
+     ["written by framework=tensorflow", "its native format 'torchscript'", "'onnx' or 'torchscript'"]),
+    ("keras-suffix", ["checkpoint={ckpt}", "export.format=keras", "export.output={dir}/model.h5"],
+     ["export.output=", "*.keras"]),
+]
+
+
+@pytest.mark.parametrize("case_id,args,fragments", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_export_request_is_one_clear_error_and_writes_nothing(checkpoint, case_id, args, fragments, tmp_path):
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    args = [a.replace("{dir}", str(tmp_path)).replace("{ckpt}", str(checkpoint)) for a in args]
+    before = sorted(checkpoint.parent.iterdir())
+    result = run_cli(["task=export", *args], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    assert sorted(checkpoint.parent.iterdir()) == before
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+
+    def half_then_fail(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(target, half_then_fail)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_folder_export_replaces_the_previous_folder_whole(tmp_path):
+    target = tmp_path / "model.savedmodel"
+
+    def folder_with(name: str):
+        def make(path: Path) -> None:
+            path.mkdir()
+            (path / name).write_text(name)
+        return make
+
+    write_atomically(target, folder_with("first"))
+    write_atomically(target, folder_with("second"))
+    assert sorted(p.name for p in target.iterdir()) == ["second"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.savedmodel"]
