@@ -1,4 +1,5 @@
-"""Native formats through the real CLI: each file reloaded in its own framework gives the checkpoint's logits.
+"""Native formats through the real CLI: each file reloaded in its own framework gives the checkpoint's logits,
+and writing it imports no other framework.
 
 The checkpoint holds a case of tests/backends/test_equivalence.py (uneven 'same' padding, padded max and
 average pooling, a residual block with its projection, batchnorm on maps and on a flattened vector); the
@@ -18,7 +19,8 @@ import pytest
 from cnnrun.export import FORMATS
 from tests.backends.test_equivalence import LOGITS_ATOL, REFERENCE, Results, Variant, write_cases
 from tests.export.test_onnx_export import checkpoint_for
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT
+from tests.test_lazy_imports import ALLOWED, loaded_after
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +50,8 @@ def test_every_native_format_is_reloaded_here():
 
 @pytest.mark.parametrize("fmt", NATIVE)
 def test_native_export_reloads_with_the_checkpoints_logits(staged, fmt, tmp_path):
-    result = run_cli(["task=export", f"checkpoint={staged['checkpoint']}", f"export.format={fmt}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    loaded = loaded_after(["task=export", f"checkpoint={staged['checkpoint']}", f"export.format={fmt}"], tmp_path)
+    assert loaded <= ALLOWED[FORMATS[fmt].framework], f"exporting {fmt} imported {loaded}"
     exported = staged["checkpoint"].with_suffix(FORMATS[fmt].suffix)  # the default: beside the checkpoint
     assert exported.exists()
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
