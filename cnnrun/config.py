@@ -149,7 +149,7 @@ class RunConfig(_Group):
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
     export: ExportConfig = ExportConfig()
-    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate or export (task=eval/export).")
+    checkpoint: Optional[str] = Field(default=None, description="The checkpoint for task=eval and task=export.")
 
 
 def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:

@@ -25,15 +25,16 @@ from cnnrun.export.onnx_runtime import METADATA_PREFIX
 class ExportFormat:
     module: str  # has write(ckpt, model, path, options): writes the format at path
     framework: Optional[str]  # the framework that writes and reloads it; None: written without one (ONNX)
-    suffix: str  # of the default output name; a SavedModel is a folder
+    suffix: str  # of the default output name
     description: str
+    folder_marker: Optional[str] = None  # for a format written as a folder: the file every such folder holds
 
 
 FORMATS: Dict[str, ExportFormat] = {
     "onnx": ExportFormat("cnnrun.export.onnx", None, ".onnx", "ONNX, for onnxruntime and every ONNX runtime"),
     "torchscript": ExportFormat("cnnrun.export.torchscript", "torch", ".pt", "TorchScript, torch.jit.load"),
     "saved_model": ExportFormat("cnnrun.export.saved_model", "tensorflow", ".savedmodel",
-                                "TensorFlow SavedModel folder, tf.saved_model.load"),
+                                "TensorFlow SavedModel folder, tf.saved_model.load", folder_marker="saved_model.pb"),
     "keras": ExportFormat("cnnrun.export.keras_file", "keras", ".keras", "Keras 3 file, keras.saving.load_model"),
 }
 
@@ -62,7 +63,8 @@ def check_framework(format_name: str, framework: str) -> None:
         return
     valid = formats_for(framework)
     native = [name for name in valid if FORMATS[name].framework]
-    has = f"its native format{'s' if len(native) > 1 else ''} {one_of(native)}" if native else "no native serving format"
+    plural = "s" if len(native) > 1 else ""
+    has = f"its native format{plural} {one_of(native)}" if native else "no native serving format"
     raise UserError(
         f"export.format={format_name} is written by framework={wanted}, not framework={framework}; "
         f"{framework} has {has}. Formats for framework={framework}: {one_of(valid)} "
@@ -88,8 +90,20 @@ def model_metadata(ckpt, model) -> Dict[str, str]:
     }
 
 
+def check_target(format_name: str, path: Path) -> None:
+    """Refuse to replace anything but an earlier export of the same kind (a folder of the user's, say)."""
+    fmt = FORMATS[format_name]
+    if fmt.folder_marker is None and path.is_dir():
+        raise UserError(f"export.output={path} is a folder; name the file to write, "
+                        f"e.g. {path / ('model' + fmt.suffix)}")
+    if fmt.folder_marker is not None and path.exists() and not (path / fmt.folder_marker).is_file():
+        raise UserError(f"export.output={path} exists and is not a {format_name} export (no {fmt.folder_marker}), "
+                        f"so cnnrun will not replace it; choose a new path, e.g. {path / ('model' + fmt.suffix)}")
+
+
 def write(format_name: str, ckpt, model, path: Path, options) -> Path:
     """Write the format at ``path`` atomically: built in a temporary sibling, then renamed over ``path``."""
+    check_target(format_name, path)
     try:
         module = importlib.import_module(FORMATS[format_name].module)
     except ModuleNotFoundError as err:

@@ -47,6 +47,9 @@ BAD = [
      ["framework=chainer", "no native serving format", "Formats for framework=chainer: 'onnx'"]),
     ("torch-savedmodel", ["checkpoint={ckpt}", "framework=torch", "export.format=saved_model"],
      ["written by framework=tensorflow", "its native format 'torchscript'", "'onnx' or 'torchscript'"]),
+    ("output-is-a-folder", ["checkpoint={ckpt}", "export.output={dir}"], ["is a folder; name the file to write"]),
+    ("savedmodel-over-a-folder", ["checkpoint={ckpt}", "export.format=saved_model", "export.output={dir}"],
+     ["is not a saved_model export (no saved_model.pb)", "will not replace it"]),
     ("keras-suffix", ["checkpoint={ckpt}", "export.format=keras", "export.output={dir}/model.h5"],
      ["export.output=", "*.keras"]),
 ]
@@ -56,14 +59,14 @@ BAD = [
 def test_a_bad_export_request_is_one_clear_error_and_writes_nothing(checkpoint, case_id, args, fragments, tmp_path):
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
     args = [a.replace("{dir}", str(tmp_path)).replace("{ckpt}", str(checkpoint)) for a in args]
-    before = sorted(checkpoint.parent.iterdir())
+    before, here = sorted(checkpoint.parent.iterdir()), sorted(tmp_path.iterdir())
     result = run_cli(["task=export", *args], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
     assert sorted(checkpoint.parent.iterdir()) == before
-    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob(".*tmp"))
+    assert sorted(p for p in tmp_path.iterdir() if p.name != "outputs") == here  # outputs/: Hydra's log
 
 
 def test_a_failed_write_keeps_the_previous_export_and_leaves_no_temporary_files(tmp_path):
