@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +98,31 @@ def test_a_folder_export_replaces_the_previous_folder_whole(tmp_path):
     write_atomically(target, folder_with("second"))
     assert sorted(p.name for p in target.iterdir()) == ["second"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.savedmodel"]
+
+
+WITHOUT = """
+import sys
+for package in sys.argv[2].split(","):
+    sys.modules[package] = None  # as if not installed: importing it raises ModuleNotFoundError
+sys.argv = ["cnnrun", "task=export", "checkpoint=" + sys.argv[1]]
+from cnnrun.cli import main
+main()
+"""
+
+
+def test_exporting_without_the_onnx_package_says_what_to_install(checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT, str(checkpoint), "onnx"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "export.format=onnx needs the onnx package" in proc.stderr and "cnnrun[onnx]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_predicting_without_onnxruntime_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from cnnrun.export.onnx_runtime import load_onnx_predictor\n"
+            "load_onnx_predictor(sys.argv[1])")
+    (tmp_path / "model.onnx").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.onnx")], capture_output=True,
+                          text=True, timeout=120)
+    assert "needs the onnxruntime package" in proc.stderr and "pip install 'cnnrun[onnx]'" in proc.stderr
