@@ -18,12 +18,13 @@ pooling uses ``count_include_pad=0`` (real cells only, cnnrun's definition); bat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cnnrun import __version__
 from cnnrun.checkpoint import Checkpoint
 from cnnrun.export import model_metadata
 from cnnrun.export.onnx_runtime import LOGITS
@@ -163,7 +164,7 @@ def build_layer(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
     return BUILDERS[layer.type](g, layer, x)
 
 
-def build_onnx(ckpt: Checkpoint, model: CompiledModel, producer_version: Optional[str] = None):
+def build_onnx(ckpt: Checkpoint, model: CompiledModel) -> onnx.ModelProto:
     """The checkpoint's model as an ``onnx.ModelProto``, checked by ``onnx.checker``."""
     g = GraphBuilder(ckpt.weights)
     c, h, w = model.input_shape
@@ -187,7 +188,7 @@ def build_onnx(ckpt: Checkpoint, model: CompiledModel, producer_version: Optiona
         initializer=g.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="cnnrun",
-                              producer_version=producer_version or "", ir_version=IR_VERSION,
+                              producer_version=__version__, ir_version=IR_VERSION,
                               doc_string=f"cnnrun model {model.name}: uint8 NHWC images in, logits and "
                                          "probabilities out")
     helper.set_model_props(proto, model_metadata(ckpt, model))
@@ -195,12 +196,6 @@ def build_onnx(ckpt: Checkpoint, model: CompiledModel, producer_version: Optiona
     return proto
 
 
-def to_bytes(ckpt: Checkpoint, model: CompiledModel) -> bytes:
-    import cnnrun
-
-    return build_onnx(ckpt, model, cnnrun.__version__).SerializeToString()
-
-
 def write(ckpt: Checkpoint, model: CompiledModel, path: Path, options=None) -> None:
     """The export entry point (see :mod:`cnnrun.export`); ONNX needs no framework, so ``options`` is unused."""
-    Path(path).write_bytes(to_bytes(ckpt, model))
+    Path(path).write_bytes(build_onnx(ckpt, model).SerializeToString())
