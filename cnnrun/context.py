@@ -27,14 +27,15 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
-        from cnnrun.backends import validate_options
-
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
         cfg = None
         try:
             cfg = validate_run_config(raw, "the config")
-            validate_options(cfg.framework.name, cfg.framework.options())
+        except ConfigError as err:
+            problems += err.problems
+        try:  # the framework too, so that one message lists every problem
+            _check_framework(cfg, raw)
         except ConfigError as err:
             problems += err.problems
         try:  # the spec too, so that one message lists every problem
@@ -61,9 +62,10 @@ class RunContext:
     def config_hash(self) -> str:
         """Identifies what a run computes, to skip finished sweep jobs (cnnrun.sweep.resume).
 
-        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress), and the
-        CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
-        identical jobs of two invocations. Hydra's output directory is not part of the config.
+        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress),
+        task=predict's settings (inputs, predict), and the CPU threads and GPU index a parallel sweep hands each
+        job (cnnrun.sweep.resources), which differ between identical jobs of two invocations. Hydra's output
+        directory is not part of the config.
         """
         relevant = {k: v for k, v in self.raw.items() if k not in HASH_IGNORED_GROUPS}
         for group, key in HASH_IGNORED_KEYS:
@@ -72,8 +74,27 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "export")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs", "export")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
+
+
+def _check_framework(cfg, raw: Dict[str, Any]) -> None:
+    """The framework and its options suit the task; from the raw config when the rest of it is invalid."""
+    from cnnrun.backends import check_framework
+    from cnnrun.errors import UserError
+
+    if cfg is not None:
+        check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
+        return
+    framework = raw.get("framework")
+    if not isinstance(framework, dict) or not isinstance(framework.get("name"), str):
+        return  # reported by the config's own validation
+    try:
+        check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
+    except ConfigError:
+        raise
+    except UserError:  # an unknown framework name: said once the rest of the config is valid
+        pass
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:
