@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,32 @@ def test_predicting_without_onnxruntime_says_what_to_install(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.onnx")], capture_output=True,
                           text=True, timeout=120)
     assert "needs the onnxruntime package" in proc.stderr and "pip install 'cnnrun[onnx]'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_predict_with_the_onnx_export_matches_the_checkpoint(checkpoint, tmp_path):
+    """task=predict framework=onnx on the exported file gives the safetensors checkpoint's predictions."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(photos / f"{i}.png")
+    model = tmp_path / "model.onnx"
+    exported = run_cli(["task=export", f"checkpoint={checkpoint}", f"export.output={model}"], cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    predictions = {}
+    for name, args in {"checkpoint": [f"checkpoint={checkpoint}", "framework=torch"],
+                       "onnx": [f"checkpoint={model}", "framework=onnx"]}.items():
+        out = tmp_path / f"{name}.json"
+        result = run_cli(["task=predict", *args, f"inputs={photos}", "predict.top_k=3", f"predict.output={out}"],
+                         cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        predictions[name] = {Path(p["file"]).name: p["top"] for p in json.loads(out.read_text())["predictions"]}
+    assert sorted(predictions["onnx"]) == [f"{i}.png" for i in range(6)]
+    for file, top in predictions["checkpoint"].items():
+        onnx_top = predictions["onnx"][file]
+        assert [t["class"] for t in onnx_top] == [t["class"] for t in top], file
+        np.testing.assert_allclose([t["probability"] for t in onnx_top], [t["probability"] for t in top],
+                                   rtol=0, atol=1e-5)
