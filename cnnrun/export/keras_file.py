@@ -14,7 +14,7 @@ from typing import Dict
 
 import numpy as np
 
-from cnnrun.export.native import inference_runner
+from cnnrun.predictor import checkpoint_runner
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +54,7 @@ def custom_objects() -> Dict[str, object]:
 
 
 def write(ckpt, model, path: Path, options) -> None:
-    runner = inference_runner("keras", ckpt, model, options)
+    runner = checkpoint_runner(ckpt, model, "keras", options)
     import keras  # imported by the runner, on the backend framework.backend chose
 
     c, h, w = model.input_shape

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from cnnrun.export import model_metadata
-from cnnrun.export.native import inference_runner
+from cnnrun.predictor import checkpoint_runner
 
 METADATA_FILE = "cnnrun.json"
 
@@ -22,7 +22,7 @@ METADATA_FILE = "cnnrun.json"
 def write(ckpt, model, path: Path, options) -> None:
     from cnnrun.backends.tensorflow import tf
 
-    runner = inference_runner("tensorflow", ckpt, model, options)
+    runner = checkpoint_runner(ckpt, model, "tensorflow", options)
     c, h, w = model.input_shape
     module = tf.Module()
     module.variables_to_save = list(runner.net.variables.by_name.values())  # tracked, so they are saved

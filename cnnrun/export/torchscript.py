@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from cnnrun.export import model_metadata
-from cnnrun.export.native import SAMPLE_BATCH, inference_runner
+from cnnrun.predictor import checkpoint_runner
 
 METADATA_FILE = "cnnrun.json"
+SAMPLE_BATCH = 2  # traced with a batch of this size; the traced module takes any batch size
 
 
 class UintImages(nn.Module):
@@ -36,7 +37,7 @@ class UintImages(nn.Module):
 
 
 def write(ckpt, model, path: Path, options) -> None:
-    runner = inference_runner("torch", ckpt, model, options)
+    runner = checkpoint_runner(ckpt, model, "torch", options)
     module = UintImages(runner.net.to(memory_format=torch.contiguous_format), ckpt.mean, ckpt.std).eval()
     c, h, w = model.input_shape
     sample = torch.randint(0, 256, (SAMPLE_BATCH, h, w, c), dtype=torch.uint8)
