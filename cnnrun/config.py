@@ -175,6 +175,20 @@ class PredictConfig(_Group):
 PREDICTION_FORMATS = (".csv", ".json")
 
 
+class ExportConfig(_Group):
+    """task=export: which format, and where (default: beside the checkpoint, see cnnrun.export)."""
+
+    format: str = Field(default="onnx", description="onnx, torchscript, saved_model or keras.")
+    output: Optional[str] = Field(default=None, description="Where to write; default: beside the checkpoint.")
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from cnnrun.export import check_format_name
+
+        return check_format_name(value)
+
+
 class FrameworkConfig(BaseModel):
     """``name`` picks the backend; the other keys are that backend's options, checked by its own class."""
 
@@ -185,11 +199,11 @@ class FrameworkConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-TASKS = ("train", "summary", "eval", "validate", "predict")
+TASKS = ("train", "summary", "eval", "validate", "predict", "export")
 
 
 class RunConfig(_Group):
-    task: Literal["train", "summary", "eval", "validate", "predict"] = "train"
+    task: Literal["train", "summary", "eval", "validate", "predict", "export"] = "train"
     model: Dict[str, Any]
     framework: FrameworkConfig
     device: DeviceConfig
@@ -201,11 +215,12 @@ class RunConfig(_Group):
                                      description="The learning-rate schedule; checked by cnnrun.schedules.")
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
-    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate or predict with.")
+    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate, predict with or export.")
     inputs: Optional[Union[str, List[str]]] = Field(
         default=None, description="task=predict: image files, folders (searched recursively) or glob patterns."
     )
     predict: PredictConfig = PredictConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:
@@ -241,6 +256,7 @@ __all__ = [
     "AugmentConfig",
     "DatasetConfig",
     "DeviceConfig",
+    "ExportConfig",
     "FrameworkConfig",
     "OptimizerConfig",
     "PredictConfig",

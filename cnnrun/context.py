@@ -84,7 +84,7 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs", "export")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
 
 

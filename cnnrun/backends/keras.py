@@ -87,10 +87,22 @@ def _real_cell_counts(n: int, kernel: int, stride: int, before: int, out: int) -
 
 @functools.lru_cache(maxsize=None)
 def custom_layers() -> SimpleNamespace:
-    """The few layers Keras lacks, defined once Keras is imported (their base classes come from it)."""
+    """The few layers and activations Keras lacks, defined once Keras is imported (their base classes come from
+    it). Each is registered under the package "cnnrun" and has a config, so a model using them saves as a
+    ``.keras`` file (``task=export export.format=keras``) and loads back where cnnrun is installed."""
     keras = _keras()
     ops = keras.ops
+    register = keras.saving.register_keras_serializable(package="cnnrun")
 
+    @register
+    def elu(x):
+        return keras.activations.elu(x, alpha=ELU_ALPHA)
+
+    @register
+    def leaky_relu(x):
+        return keras.activations.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
+
+    @register
     class ConstantPadding2D(keras.layers.Layer):
         """Pads H and W by ((top, bottom), (left, right)) with a constant (-inf for max pooling)."""
 
@@ -100,6 +112,9 @@ def custom_layers() -> SimpleNamespace:
             self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
             self.value = value
 
+        def get_config(self):
+            return {**super().get_config(), "pads": self.paddings[1:3], "value": self.value}
+
         def call(self, x):
             return ops.pad(x, self.paddings, constant_values=self.value)
 
@@ -108,12 +123,13 @@ def custom_layers() -> SimpleNamespace:
             (_, rows, cols, _) = self.paddings
             return (n, None if h is None else h + sum(rows), None if w is None else w + sum(cols), c)
 
+    @register
     class RealCellAveragePooling2D(keras.layers.Layer):
         """Average pooling over zero-padded windows, rescaled so each output averages its real cells only."""
 
         def __init__(self, size, strides, pads, in_hw, **kwargs):
             super().__init__(**kwargs)
-            self.size, self.strides = tuple(size), tuple(strides)
+            self.size, self.strides, self.in_hw = tuple(size), tuple(strides), tuple(in_hw)
             (top, bottom), (left, right) = pads
             self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
             out = [(n + sum(p) - k) // s + 1 for n, p, k, s in zip(in_hw, pads, self.size, self.strides)]
@@ -122,6 +138,10 @@ def custom_layers() -> SimpleNamespace:
             scale = (self.size[0] * self.size[1]) / np.outer(rows, cols)
             self.scale = scale.reshape(1, out[0], out[1], 1).astype(np.float32)  # a constant, not a weight
 
+        def get_config(self):
+            return {**super().get_config(), "size": self.size, "strides": self.strides, "pads": self.paddings[1:3],
+                    "in_hw": self.in_hw}
+
         def call(self, x):
             pooled = ops.average_pool(ops.pad(x, self.paddings), self.size, self.strides, padding="valid")
             return pooled * ops.convert_to_tensor(self.scale)
@@ -129,6 +149,7 @@ def custom_layers() -> SimpleNamespace:
         def compute_output_shape(self, shape):
             return (shape[0], self.scale.shape[1], self.scale.shape[2], shape[3])
 
+    @register
     class BatchNormalization(keras.layers.BatchNormalization):
         """Keras's batchnorm layer (same weights and count), computed as ``(x - mean)·γ/√(var + ε) + β``.
 
@@ -152,12 +173,16 @@ def custom_layers() -> SimpleNamespace:
             scale = self.gamma * ops.rsqrt(variance + self.epsilon)
             return ops.cast((x - mean) * scale + self.beta, self.compute_dtype)
 
+    @register
     class TakeFeatures(keras.layers.Layer):
         """Reorders features (puts a flattened H·W·C vector that reaches the output in C·H·W order)."""
 
         def __init__(self, perm, **kwargs):
             super().__init__(**kwargs)
             self.perm = np.asarray(perm, np.int32)
+
+        def get_config(self):
+            return {**super().get_config(), "perm": self.perm.tolist()}
 
         def call(self, x):
             return ops.take(x, ops.convert_to_tensor(self.perm), axis=1)
@@ -167,19 +192,21 @@ def custom_layers() -> SimpleNamespace:
         RealCellAveragePooling2D=RealCellAveragePooling2D,
         BatchNormalization=BatchNormalization,
         TakeFeatures=TakeFeatures,
+        elu=elu,
+        leaky_relu=leaky_relu,
     )
 
 
 def activation_fn(name: str) -> Optional[Callable]:
     """cnnrun's activation names → Keras activations with cnnrun's constants (None for linear)."""
-    acts = _keras().activations
+    acts, custom = _keras().activations, custom_layers()
     return {
         "linear": None,
         "relu": acts.relu,
         "tanh": acts.tanh,
         "sigmoid": acts.sigmoid,
-        "elu": lambda x: acts.elu(x, alpha=ELU_ALPHA),
-        "leaky_relu": lambda x: acts.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE),
+        "elu": custom.elu,
+        "leaky_relu": custom.leaky_relu,
     }[name]
 
 

@@ -549,7 +549,7 @@ class TensorFlowRunner:
         lam = tf.TensorSpec((), tf.float32)
         self._train_mixed = tf.function(self._train_step, input_signature=[images, labels, labels, lam],
                                         jit_compile=jit)
-        self._predict = tf.function(self._logits, input_signature=[images], jit_compile=jit)
+        self._predict = tf.function(self.logits, input_signature=[images], jit_compile=jit)
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
         return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
@@ -568,7 +568,8 @@ class TensorFlowRunner:
         self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
-    def _logits(self, images: tf.Tensor) -> tf.Tensor:
+    def logits(self, images: tf.Tensor) -> tf.Tensor:
+        """uint8 (N, H, W, C) → logits in inference mode, as graph ops (also what a SavedModel export serves)."""
         return self.net(self._inputs(images), training=False)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -187,16 +187,15 @@ def make_weights(model, seed: int) -> Dict[str, np.ndarray]:
     return weights
 
 
-def _channel_stats(channels: int):
+def channel_stats(channels: int):
     if channels == 1:
         return (33.3,), (78.6,)
     return (120.0, 110.0, 100.0)[:channels], (60.0, 65.0, 70.0)[:channels]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Dict:
-    """The cases as the worker reads them, with their data written to .npz files."""
-    folder = tmp_path_factory.mktemp("equivalence")
+def write_cases(folder: Path, commands_for: Callable[[str, Dict], List[Dict]]) -> List[Dict]:
+    """Each case's canonical weights and images in ``folder/<case>.npz``; the cases as the worker reads them,
+    each running ``commands_for(name, spec)`` (other test modules reuse this with their own commands)."""
     cases = []
     for i, (name, (spec, input_shape)) in enumerate(CASES.items()):
         model = compile_model(spec, input_shape, 10)
@@ -207,19 +206,31 @@ def job(tmp_path_factory) -> Dict:
         data["batch_images"] = rng.integers(0, 256, (STEPS, BATCH, h, w, c), dtype=np.uint8)
         data["batch_labels"] = rng.integers(0, 10, (STEPS, BATCH)).astype(np.int64)
         np.savez(folder / f"{name}.npz", **data)
-        mean, std = _channel_stats(c)
-        train_spec = without_dropout(spec)
-        commands = [{"kind": "info"}, {"kind": "forward"}, {"kind": "roundtrip"}] + [
-            {"kind": "train", "id": f"train_{opt}", "optimizer": cfg, "spec": train_spec}
-            for opt, cfg in OPTIMIZERS.items()
-        ]
-        if name == "stress_rgb":  # dropout on: the random-generator state must carry over too
-            commands.append({"kind": "resume", "optimizer": OPTIMIZERS["adam"]})
+        mean, std = channel_stats(c)
         cases.append({
             "name": name, "spec": spec, "input_shape": list(input_shape), "num_classes": 10,
-            "mean": list(mean), "std": list(std), "data": str(folder / f"{name}.npz"), "commands": commands,
+            "mean": list(mean), "std": list(std), "data": str(folder / f"{name}.npz"),
+            "commands": commands_for(name, spec),
         })
-    return {"folder": folder, "cases": cases}
+    return cases
+
+
+def _commands(name: str, spec: Dict) -> List[Dict]:
+    train_spec = without_dropout(spec)
+    commands = [{"kind": "info"}, {"kind": "forward"}, {"kind": "roundtrip"}] + [
+        {"kind": "train", "id": f"train_{opt}", "optimizer": cfg, "spec": train_spec}
+        for opt, cfg in OPTIMIZERS.items()
+    ]
+    if name == "stress_rgb":  # dropout on: the random-generator state must carry over too
+        commands.append({"kind": "resume", "optimizer": OPTIMIZERS["adam"]})
+    return commands
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Dict:
+    """The cases as the worker reads them, with their data written to .npz files."""
+    folder = tmp_path_factory.mktemp("equivalence")
+    return {"folder": folder, "cases": write_cases(folder, _commands)}
 
 
 class Results:

@@ -17,7 +17,7 @@ import pytest
 from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.spec import compile_model
 from tests.backends.test_equivalence import (
-    OTHERS, REFERENCE, VARIANTS, Results, Variant, _channel_stats, _param, _prefixed, make_weights,
+    OTHERS, REFERENCE, VARIANTS, Results, Variant, channel_stats, _param, _prefixed, make_weights,
 )
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def results(tmp_path_factory) -> Results:
          "epochs": RATE_EPOCHS, "steps_per_epoch": RATE_STEPS, "val_losses": VAL_LOSSES}
         for name, schedule in SCHEDULES.items()
     ]
-    mean, std = _channel_stats(c)
+    mean, std = channel_stats(c)
     case = {"name": "recipe", "spec": SPEC, "input_shape": list(INPUT), "num_classes": 10, "mean": list(mean),
             "std": list(std), "data": str(folder / "recipe.npz"), "commands": commands}
     return Results({"folder": folder, "cases": [case]})
