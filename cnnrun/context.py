@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from cnnrun.config import DatasetConfig, RunConfig, validate_run_config
 from cnnrun.errors import ConfigError, Problem
+from cnnrun.schedules import validate_schedule
 from cnnrun.spec import CompiledModel, compile_model
 
 
@@ -38,6 +39,10 @@ class RunContext:
             _check_framework(cfg, raw)
         except ConfigError as err:
             problems += err.problems
+        try:
+            validate_schedule(raw.get("schedule"))
+        except ConfigError as err:
+            problems += err.problems
         try:  # the spec too, so that one message lists every problem
             dataset = cfg.dataset if cfg else DatasetConfig.model_validate(raw.get("dataset"))
             compiled = compile_model(raw.get("model"), dataset.input_shape, dataset.num_classes, model_source)
@@ -52,6 +57,11 @@ class RunContext:
             located = [Problem(p.key, p.message, "" if p.where == header else p.where) for p in located]
             raise ConfigError(located, header)
         return cls(cfg, raw, output_dir, model_source, overrides, compiled)
+
+    @property
+    def schedule(self):
+        """The ``schedule`` group as typed settings (validated in :meth:`create`)."""
+        return validate_schedule(self.cfg.schedule)
 
     @property
     def framework_options(self):

@@ -27,8 +27,18 @@ class Runner(Protocol):
 
     device_name: str  # what it really runs on, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed."""
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed.
+
+        ``mix`` (a :class:`cnnrun.data.augment.Mix`, for mixup/cutmix batches): the loss is
+        λ·CE(labels) + (1 − λ)·CE(mix.partner_labels); accuracy still counts against ``labels``.
+        """
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The rate for the next steps (a schedule's value; see :mod:`cnnrun.schedules`)."""
+
+    def learning_rate(self) -> float:
+        """The rate the framework's optimizer holds now, read back from it."""
 
     def train_metrics(self) -> Tuple[float, float, int]:
         """(mean loss, accuracy, samples) since the last call; the one place a training sync happens."""
@@ -145,9 +155,11 @@ def load_backend(name: str):
         ) from None
 
 
-def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std) -> Runner:
+def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std,
+                  label_smoothing: float = 0.0) -> Runner:
     """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use."""
-    return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std)
+    return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std,
+                                            label_smoothing=label_smoothing)
 
 
 def framework_version(name: str) -> str:

@@ -404,10 +404,11 @@ class KerasTensorFlowNetwork:
         return self.keras_model(x, training=training)
 
 
-def _tensorflow_runner(model, optimizer, options, device, seed, mean, std):
+def _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing):
     from cnnrun.backends.tensorflow import TensorFlowRunner
 
-    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork)
+    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork,
+                              label_smoothing=label_smoothing)
     runner.keras_model = runner.net.keras_model
     return runner
 
@@ -418,10 +419,11 @@ def _tensorflow_runner(model, optimizer, options, device, seed, mean, std):
 class KerasTorchRunner:
     """The Runner protocol for a Keras model on Keras's torch backend: eager calls, autograd, ``torch.optim``."""
 
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
+                 label_smoothing: float = 0.0):
         import torch
 
-        from cnnrun.backends.torch import resolve_device, set_tf32
+        from cnnrun.backends.torch import make_optimizer, resolve_device, set_tf32
         from cnnrun.spec.init import initial_weights
 
         if options.jit_compile:
@@ -448,7 +450,9 @@ class KerasTorchRunner:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
         self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
         self.params = [self.tensors[name].value for name in self.trainable_names]
-        self.optimizer = _torch_optimizer(torch, self.params, optimizer)
+        self.optimizer = make_optimizer(self.params, optimizer, fused=True)
+        self.clip_norm = optimizer.clip_norm
+        self.label_smoothing = label_smoothing
         self._zero_metrics()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
@@ -462,20 +466,30 @@ class KerasTorchRunner:
         x = self.torch.from_numpy(images).to(self.device, non_blocking=True).float()
         return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        import torch.nn.functional as F
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        from cnnrun.backends.torch import clip_gradients, cross_entropy
 
         y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
         with self.keras.device(self.scope):
             logits = self.keras_model(self._inputs(images), training=True)
-        loss = F.cross_entropy(logits, y)
+        loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_norm:
+            clip_gradients(self.optimizer, self.clip_norm)
         self.optimizer.step()
         with self.torch.no_grad():
             self._loss_sum += loss.detach() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
         self._count += len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        from cnnrun.backends.torch import set_torch_learning_rate
+
+        set_torch_learning_rate(self.optimizer, lr)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train_metrics(self) -> Tuple[float, float, int]:
         count = self._count
@@ -532,23 +546,12 @@ class KerasTorchRunner:
                 }
 
 
-def _torch_optimizer(torch, params, cfg):
-    """The same torch.optim update as framework=torch (fused kernels)."""
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
-        )
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True
-    )
-
-
 # --------------------------------------------------------------------------------------------------- entry
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std):
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0):
     """A Keras runner on ``options.backend``; importing Keras here (not at module import) honours that choice."""
     import_keras(options.backend)
     if options.backend == "tensorflow":
-        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std)
-    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std)
+        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)

@@ -12,7 +12,13 @@ its options, and cases; each case is a spec, an input shape, a data .npz (canoni
 - ``roundtrip``: set the weights, ``get_weights()``;
 - ``train``: a fresh runner with the command's optimizer (and optional ``spec``), set the weights, one
   ``train_step`` + ``train_metrics`` per batch → per-step losses, then the final canonical weights;
-- ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state.
+- ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state;
+- ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework
+  (``val_losses``, one per epoch, drive ``plateau``).
+
+``train`` and ``resume`` also take a ``schedule`` (the rate set before every step, as the trainer does, the steps
+being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group. ``train``
+with ``mix_lams`` (one λ per step) trains mixed batches against the data's ``batch_partner_labels``.
 
 Output keys: ``<case>/<command id>/<what>``, plus ``modules/<package>`` = 1 for each framework package the
 process ended up importing.
@@ -28,6 +34,8 @@ import numpy as np
 
 from cnnrun.backends import create_runner, validate_options
 from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.data.augment import Mix
+from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.spec import CompiledModel, compile_model
 
 FRAMEWORK_PACKAGES = ("torch", "tensorflow", "keras", "chainer")
@@ -66,11 +74,20 @@ class Worker:
         self.options = validate_options(self.framework, job.get("options", {}))
         self.out: Dict[str, np.ndarray] = {}
 
-    def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any]):
+    def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any],
+               label_smoothing: float = 0.0):
         return create_runner(
             self.framework, model, OptimizerConfig(**optimizer), self.options, DeviceConfig(name="cpu"),
-            0, tuple(case["mean"]), tuple(case["std"]),
+            0, tuple(case["mean"]), tuple(case["std"]), label_smoothing=label_smoothing,
         )
+
+    @staticmethod
+    def rate_setter(command, steps: int) -> Callable[[Any, int], None]:
+        """What the trainer does before step i of a one-epoch run with the command's schedule (or nothing)."""
+        if "schedule" not in command:
+            return lambda runner, i: None
+        rate = LearningRate(validate_schedule(command["schedule"]), command["optimizer"]["lr"], epochs=1)
+        return lambda runner, i: runner.set_learning_rate(rate.at(0, i, steps, None))
 
     def run_case(self, case: Dict[str, Any]) -> None:
         data = dict(np.load(case["data"]))
@@ -85,6 +102,9 @@ class Worker:
                 continue
             if kind == "resume":
                 self.resume(key, case, command, weights, data)
+                continue
+            if kind == "rates":
+                self.rates(key, model, case, command)
                 continue
             if shared is None:
                 shared = self.runner(model, case, default_opt)
@@ -108,11 +128,16 @@ class Worker:
     def train(self, key: str, case, command, weights, data) -> None:
         spec = command.get("spec", case["spec"])
         model = compile_model(spec, tuple(case["input_shape"]), case["num_classes"])
-        runner = self.runner(model, case, command["optimizer"])
+        runner = self.runner(model, case, command["optimizer"], command.get("label_smoothing", 0.0))
         runner.set_weights(weights)
+        set_rate = self.rate_setter(command, len(data["batch_images"]))
         losses = []
-        for images, labels in zip(data["batch_images"], data["batch_labels"]):
-            runner.train_step(images, labels)
+        for i, (images, labels) in enumerate(zip(data["batch_images"], data["batch_labels"])):
+            set_rate(runner, i)
+            if "mix_lams" in command:
+                runner.train_step(images, labels, Mix(data["batch_partner_labels"][i], command["mix_lams"][i]))
+            else:
+                runner.train_step(images, labels)
             losses.append(runner.train_metrics()[0])
         self.out[f"{key}/losses"] = np.asarray(losses, np.float64)
         for name, value in runner.get_weights().items():
@@ -128,25 +153,39 @@ class Worker:
         model = compile_model(command.get("spec", case["spec"]), tuple(case["input_shape"]), case["num_classes"])
         batches = list(zip(data["batch_images"], data["batch_labels"]))
         half = len(batches) // 2
+        set_rate = self.rate_setter(command, len(batches))
 
-        def steps(runner, part):
+        def steps(runner, part, first_step):
             losses = []
-            for images, labels in part:
+            for i, (images, labels) in enumerate(part, first_step):
+                set_rate(runner, i)
                 runner.train_step(images, labels)
                 losses.append(runner.train_metrics()[0])
             return losses
 
         straight = self.runner(model, case, command["optimizer"])
         straight.set_weights(weights)
-        self.out[f"{key}/straight"] = np.asarray(steps(straight, batches))
+        self.out[f"{key}/straight"] = np.asarray(steps(straight, batches, 0))
         first = self.runner(model, case, command["optimizer"])
         first.set_weights(weights)
-        losses = steps(first, batches[:half])
+        losses = steps(first, batches[:half], 0)
         saved_weights, saved_state = first.get_weights(), first.get_training_state()
         second = self.runner(model, case, command["optimizer"])
         second.set_weights(saved_weights)
         second.set_training_state(saved_state)
-        self.out[f"{key}/resumed"] = np.asarray(losses + steps(second, batches[half:]))
+        self.out[f"{key}/resumed"] = np.asarray(losses + steps(second, batches[half:], half))
+
+    def rates(self, key: str, model, case, command) -> None:
+        """Every step's rate of a whole run (``epochs`` × ``steps_per_epoch``), as the framework holds it."""
+        runner = self.runner(model, case, command["optimizer"])
+        rate = LearningRate(validate_schedule(command["schedule"]), command["optimizer"]["lr"], command["epochs"])
+        steps, held, state = command["steps_per_epoch"], [], rate.initial_state()
+        for epoch in range(command["epochs"]):
+            for step in range(steps):
+                runner.set_learning_rate(rate.at(epoch, step, steps, state))
+                held.append(runner.learning_rate())
+            state = rate.end_epoch(state, command.get("val_losses", [0.0] * command["epochs"])[epoch])
+        self.out[f"{key}/rates"] = np.asarray(held, np.float64)
 
 
 def main(job_path: str, out_path: str) -> None:
