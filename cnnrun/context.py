@@ -27,6 +27,7 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
+        from cnnrun import preflight
         from cnnrun.backends import validate_options
 
         problems: List[Problem] = []
@@ -34,9 +35,14 @@ class RunContext:
         cfg = None
         try:
             cfg = validate_run_config(raw, "the config")
-            validate_options(cfg.framework.name, cfg.framework.options())
         except ConfigError as err:
             problems += err.problems
+        framework = raw.get("framework")
+        if isinstance(framework, dict) and isinstance(framework.get("name"), str):  # even when other groups are bad
+            try:
+                validate_options(framework["name"], {k: v for k, v in framework.items() if k != "name"})
+            except ConfigError as err:
+                problems += err.problems
         try:  # the spec too, so that one message lists every problem
             dataset = cfg.dataset if cfg else DatasetConfig.model_validate(raw.get("dataset"))
             compiled = compile_model(raw.get("model"), dataset.input_shape, dataset.num_classes, model_source)
@@ -44,6 +50,7 @@ class RunContext:
             problems += err.problems
         except ValidationError:
             compiled = None  # the dataset group is invalid: already reported above
+        problems += preflight.problems(raw)  # what the run itself needs: dataset, framework install, files, ...
         if problems:
             only_model = all(p.key.startswith("model.") for p in problems)
             header = model_source if only_model else "the config"

@@ -16,7 +16,7 @@ from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Type
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cnnrun.errors import ConfigError, UserError, did_you_mean, one_of
+from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
 from cnnrun.spec.validation import problems_from
 
 Weights = Dict[str, np.ndarray]
@@ -99,13 +99,19 @@ BACKENDS: Dict[str, BackendInfo] = {
 def backend_info(name: str) -> BackendInfo:
     info = BACKENDS.get(name)
     if info is None:
-        raise UserError(f"framework={name} is unknown{did_you_mean(name, BACKENDS)}; available: {one_of(BACKENDS)}")
+        raise UserError(f"framework.name: {_unknown(name)}")
     return info
+
+
+def _unknown(name: str) -> str:
+    return f"unknown framework '{name}'{did_you_mean(name, BACKENDS)}; available: {one_of(BACKENDS)}"
 
 
 def validate_options(name: str, options: Dict[str, Any]) -> _Options:
     """Check ``framework.*`` keys against the backend's options class, without importing the framework."""
-    info = backend_info(name)
+    info = BACKENDS.get(name)
+    if info is None:
+        raise ConfigError([Problem("framework.name", _unknown(name))], f"framework={name}")
     try:
         return info.options.model_validate(options)
     except ValidationError as err:
