@@ -1,4 +1,8 @@
-"""The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback."""
+"""The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback.
+
+Start-up time counts (``benchmarks/bench_startup.py``): ``--version`` answers before Hydra is imported, Hydra
+composes the config once (:mod:`cnnrun.hydra_mode`), and each task imports only what it uses.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,12 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING, Dict, List
 
 from cnnrun.errors import TrainingInterrupted, UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def _sources() -> Dict[str, str]:
@@ -62,6 +65,9 @@ def run_task(cfg: DictConfig):
     from cnnrun.sweep.resources import assign
     from cnnrun.tasks import TASKS
 
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     job = sweep_job.from_hydra()  # None in a single run
     sweep_job.begin(job)
     try:
@@ -81,8 +87,8 @@ def _config_dir() -> str:
     return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
-def _hydra_main(cfg: DictConfig):
+def _task(cfg: DictConfig):
+    """What Hydra runs for each job: the task, with user errors reported as one message and exit code 2."""
     try:
         return run_task(cfg)
     except (UserError, TrainingInterrupted) as err:
@@ -105,12 +111,21 @@ def _sweep_failed(err: BaseException) -> None:
 
 def main():
     """Console entry point: Hydra's app with cnnrun's error reporting."""
-    from cnnrun import hydra_errors
+    if "--version" in sys.argv[1:]:  # cnnrun's version (not Hydra's), without importing Hydra or composing
+        from cnnrun.version import report
+
+        print(report())
+        return None
+    import hydra
+
+    from cnnrun import hydra_errors, hydra_mode
     from cnnrun.sweep.callback import finish_active
 
     hydra_errors.install(on_error=_sweep_failed)
+    hydra_mode.install()
+    app = hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")(_task)
     try:
-        return _hydra_main()
+        return app()
     except KeyboardInterrupt:
         finish_active("KILLED")
         print("cnnrun: interrupted", file=sys.stderr)
