@@ -79,7 +79,7 @@ CASES = [
     ("device-group-unknown", ["device=tpu"], ["device=tpu", "device/tpu.yaml", "'auto', 'cpu' or 'cuda'"]),
     ("device-name-unknown", ["device.name=gpu"], ["device.name", "'cpu', 'cuda', 'cuda:N' or 'auto'"]),
     ("dataset-group-unknown", ["dataset=imagenet"], ["dataset/imagenet", "mnist_5k"]),
-    ("model-group-unknown", ["model=nope"], ["model=nope", "model/nope", "'classic_cnn' or 'resnet_lite'"]),
+    ("model-group-unknown", ["model=nope"], ["model=nope", "model/nope", "'classic_cnn'", "'resnet_lite'"]),
     ("hydra-group-unknown", ["hydra/launcher=nope"], ["hydra/launcher=nope", "'basic' or 'joblib'"]),
     ("dataset-name-unknown", ["dataset.name=mnsit"], ["dataset.name: unknown dataset 'mnsit' (did you mean 'mnist'?)"]),
     ("sweep-objective-unknown", ["sweep.objective=val_accuracy"], ["sweep.objective", "did you mean 'val_acc'"]),
