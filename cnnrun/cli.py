@@ -1,7 +1,7 @@
 """The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback.
 
 Start-up time counts (``benchmarks/bench_startup.py``): ``--version`` answers before Hydra is imported, Hydra
-composes the config once (:mod:`cnnrun.hydra_mode`), and each task imports only what it uses.
+composes the config once and lists config groups cheaply (:mod:`cnnrun.hydra_startup`), and each task imports only what it uses.
 """
 
 from __future__ import annotations
@@ -109,6 +109,24 @@ def _sweep_failed(err: BaseException) -> None:
     finish_active("FAILED")
 
 
+def _describe_version_flag() -> None:
+    """--help lists Hydra's flags; --version is answered by :func:`main` before Hydra sees it, so say what it does."""
+    hydra_main_module = sys.modules["hydra.main"]  # the module: ``hydra.main`` is also the decorator's name
+    if getattr(hydra_main_module.get_args_parser, "_cnnrun", False):
+        return
+    original = hydra_main_module.get_args_parser
+
+    def get_args_parser():
+        parser = original()
+        for action in parser._actions:
+            if "--version" in action.option_strings:
+                action.help = "Show cnnrun's version and its stack's, and exit"
+        return parser
+
+    get_args_parser._cnnrun = True
+    hydra_main_module.get_args_parser = get_args_parser
+
+
 def main():
     """Console entry point: Hydra's app with cnnrun's error reporting."""
     if "--version" in sys.argv[1:]:  # cnnrun's version (not Hydra's), without importing Hydra or composing
@@ -118,11 +136,12 @@ def main():
         return None
     import hydra
 
-    from cnnrun import hydra_errors, hydra_mode
+    from cnnrun import hydra_errors, hydra_startup
     from cnnrun.sweep.callback import finish_active
 
     hydra_errors.install(on_error=_sweep_failed)
-    hydra_mode.install()
+    hydra_startup.install()
+    _describe_version_flag()
     app = hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")(_task)
     try:
         return app()

@@ -13,6 +13,9 @@ from typing import List, Sequence
 import cnnrun
 
 CORE_STACK = ("hydra-core", "omegaconf", "pydantic", "numpy", "mlflow")
+# The packages of cnnrun.backends.BACKENDS, named here because importing that table builds the spec's pydantic
+# classes, which would cost --version more than everything else (tests/test_cli.py keeps the two equal).
+FRAMEWORK_PACKAGES = ("torch", "tensorflow", "keras", "chainer")
 
 
 def installed(distributions: Sequence[str]) -> List[str]:
@@ -27,11 +30,8 @@ def installed(distributions: Sequence[str]) -> List[str]:
 
 
 def report() -> str:
-    from cnnrun.backends import BACKENDS
-
-    frameworks = [info.package for info in BACKENDS.values()]
     return "\n".join([
         f"cnnrun {cnnrun.__version__}",
         f"Python {platform.python_version()}, " + ", ".join(installed(CORE_STACK)),
-        "frameworks: " + ", ".join(installed(frameworks)),
+        "frameworks: " + ", ".join(installed(FRAMEWORK_PACKAGES)),
     ])

@@ -110,7 +110,7 @@ CASES = [
      ["checkpoint=", "not a cnnrun checkpoint"]),
     ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["trainer.resume: ", "does not exist"]),
     ("resume-garbage", ["trainer.resume={dir}/garbage.safetensors"], ["trainer.resume=", "not a cnnrun checkpoint"]),
-    ("resume-last-nothing", ["trainer.resume=last"], ["trainer.resume=last: no checkpoints/last.safetensors"]),
+    ("resume-last-nothing", ["trainer.resume=last"], ["trainer.resume: no checkpoints/last.safetensors", "trainer.resume=last"]),
     ("resume-other-model", ["trainer.resume={dir}/resnet_last.safetensors"],
      ["was trained with a different model", "model.layers[0]"]),
     ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),

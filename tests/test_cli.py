@@ -165,6 +165,7 @@ def test_help_is_cnnruns_own(workdir):
     sections = [text.index(s) for s in ("== Tasks", "task=eval checkpoint=", "== Examples", "== Config groups",
                                         "model: classic_cnn, resnet_lite", "--multirun")]
     assert sections == sorted(sections), text
+    assert "--version : Show cnnrun's version" in text
 
 
 def test_version_is_cnnruns_with_its_stack(workdir):
@@ -176,6 +177,13 @@ def test_version_is_cnnruns_with_its_stack(workdir):
     assert lines[0] == f"cnnrun {cnnrun.__version__}"
     assert "hydra-core 1." in result.stdout and "pydantic " in result.stdout and "torch" in result.stdout
     assert not result.stdout.startswith("Hydra")
+
+
+def test_version_lists_every_backends_framework():
+    from cnnrun.backends import BACKENDS
+    from cnnrun.version import FRAMEWORK_PACKAGES
+
+    assert list(FRAMEWORK_PACKAGES) == [info.package for info in BACKENDS.values()]
 
 
 @pytest.mark.parametrize("how", ["override", "config file"])
