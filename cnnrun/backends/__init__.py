@@ -11,15 +11,17 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Protocol, Tuple, Type
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
 from cnnrun.spec.validation import problems_from
 
-Weights = Dict[str, np.ndarray]
+if TYPE_CHECKING:  # NumPy only types this table's protocol: checking options (task=summary) does not import it
+    import numpy as np
+
+Weights = Dict[str, "np.ndarray"]
 
 
 class Runner(Protocol):
