@@ -66,7 +66,7 @@ def folder_root_problem(root: Optional[str]) -> Optional[str]:
 
 def _framework(raw: Dict[str, Any]) -> List[Problem]:
     """Installed, checked without importing it (find_spec): an unknown name is the options check's problem."""
-    from cnnrun.backends import BACKENDS
+    from cnnrun.backends import BACKENDS, not_installed
 
     framework = _group(raw, "framework")
     name = framework.get("name")
@@ -77,9 +77,7 @@ def _framework(raw: Dict[str, Any]) -> List[Problem]:
     if name == "keras" and framework.get("backend") in BACKENDS:  # Keras 3 runs on a framework of its own
         needed.append(BACKENDS[framework["backend"]].package)
     missing = [package for package in dict.fromkeys(needed) if importlib.util.find_spec(package) is None]
-    return [Problem("framework.name", f"framework={name} needs the {package} package, which is not installed; "
-                                      "install the project's locked environment (README, command 1)")
-            for package in missing]
+    return [Problem("framework.name", not_installed(name, package)) for package in missing]
 
 
 def _checkpoints(raw: Dict[str, Any]) -> List[Problem]:

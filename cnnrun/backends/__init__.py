@@ -128,10 +128,12 @@ def load_backend(name: str):
     except ModuleNotFoundError as err:
         if err.name is None or err.name.split(".")[0] != info.package:
             raise
-        raise UserError(
-            f"framework={name} needs the {info.package} package, which is not installed; "
-            "install the project's locked environment (README, command 1)"
-        ) from None
+        raise UserError(not_installed(name, info.package)) from None
+
+
+def not_installed(name: str, package: str) -> str:
+    return (f"framework={name} needs the {package} package, which is not installed; "
+            "install the project's locked environment (README, command 1)")
 
 
 def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std) -> Runner:
