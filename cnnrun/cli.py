@@ -1,7 +1,8 @@
 """The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback.
 
 Start-up time counts (``benchmarks/bench_startup.py``): ``--version`` answers before Hydra is imported, Hydra
-composes the config once and lists config groups cheaply (:mod:`cnnrun.hydra_startup`), and each task imports only what it uses.
+composes the config once and lists config groups cheaply (:mod:`cnnrun.hydra_startup`), and each task imports
+only what it uses.
 """
 
 from __future__ import annotations
@@ -59,14 +60,13 @@ def _is_multirun() -> bool:
 
 def run_task(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from cnnrun.context import RunContext
     from cnnrun.sweep import job as sweep_job
     from cnnrun.sweep.resources import assign
     from cnnrun.tasks import TASKS
-
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     job = sweep_job.from_hydra()  # None in a single run
     sweep_job.begin(job)
