@@ -194,7 +194,8 @@ def test_a_multirun_mode_set_in_the_config_is_still_honoured(tmp_path, how):
         args.append("hydra.mode=MULTIRUN")
     else:
         (tmp_path / "my_configs" / "runmode").mkdir(parents=True)
-        (tmp_path / "my_configs" / "runmode" / "sweep.yaml").write_text("# @package _global_\nhydra:\n  mode: MULTIRUN\n")
+        sweep_mode = "# @package _global_\nhydra:\n  mode: MULTIRUN\n"
+        (tmp_path / "my_configs" / "runmode" / "sweep.yaml").write_text(sweep_mode)
         args = ["--config-dir", str(tmp_path / "my_configs"), "+runmode=sweep", *args]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr
