@@ -7,9 +7,9 @@ options by the class its backend registers (:mod:`cnnrun.backends`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec.validation import problems_from
@@ -96,6 +96,16 @@ class TrackingConfig(_Group):
     experiment: str = "cnnrun"
     run_name: Optional[str] = None
     log_model: bool = Field(default=True, description="Log the trained model as an MLflow pyfunc model too.")
+    register_model: Optional[str] = Field(
+        default=None, min_length=1, description="Register the logged model under this name in the model registry."
+    )
+
+    @model_validator(mode="after")
+    def _registering_needs_the_model(self) -> "TrackingConfig":
+        if self.register_model and not (self.log_model and self.enabled):
+            raise ValueError(f"tracking.register_model={self.register_model} registers the logged model: it needs "
+                             "tracking.log_model=true and tracking.enabled=true")
+        return self
 
 
 class SweepConfig(_Group):
@@ -110,6 +120,27 @@ class SummaryConfig(_Group):
     format: Literal["table", "json"] = "table"
 
 
+class PredictConfig(_Group):
+    """task=predict: how many classes to report per image, where to write them, and batching."""
+
+    top_k: Optional[int] = Field(
+        default=None, ge=1, description="Classes reported per image, most probable first; null: 5 (or all, if fewer)."
+    )
+    output: Optional[str] = Field(default=None, description="Also write the predictions to this .csv or .json file.")
+    batch_size: int = Field(default=256, gt=0)
+    progress: bool = Field(default=True, description="A progress bar (plain lines when not a terminal).")
+
+    @field_validator("output")
+    @classmethod
+    def _csv_or_json(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.lower().endswith(PREDICTION_FORMATS):
+            raise ValueError(f"expected a file name ending in .csv or .json; received {value!r}")
+        return value
+
+
+PREDICTION_FORMATS = (".csv", ".json")
+
+
 class FrameworkConfig(BaseModel):
     """``name`` picks the backend; the other keys are that backend's options, checked by its own class."""
 
@@ -120,11 +151,11 @@ class FrameworkConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-TASKS = ("train", "summary", "eval", "validate")
+TASKS = ("train", "summary", "eval", "validate", "predict")
 
 
 class RunConfig(_Group):
-    task: Literal["train", "summary", "eval", "validate"] = "train"
+    task: Literal["train", "summary", "eval", "validate", "predict"] = "train"
     model: Dict[str, Any]
     framework: FrameworkConfig
     device: DeviceConfig
@@ -134,7 +165,11 @@ class RunConfig(_Group):
     tracking: TrackingConfig
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
-    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate (task=eval).")
+    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate or predict with.")
+    inputs: Optional[Union[str, List[str]]] = Field(
+        default=None, description="task=predict: image files, folders (searched recursively) or glob patterns."
+    )
+    predict: PredictConfig = PredictConfig()
 
 
 def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:
@@ -172,6 +207,7 @@ __all__ = [
     "DeviceConfig",
     "FrameworkConfig",
     "OptimizerConfig",
+    "PredictConfig",
     "Problem",
     "RunConfig",
     "SummaryConfig",

@@ -28,7 +28,6 @@ class RunContext:
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
         from cnnrun import preflight
-        from cnnrun.backends import validate_options
 
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
@@ -37,12 +36,10 @@ class RunContext:
             cfg = validate_run_config(raw, "the config")
         except ConfigError as err:
             problems += err.problems
-        framework = raw.get("framework")
-        if isinstance(framework, dict) and isinstance(framework.get("name"), str):  # even when other groups are bad
-            try:
-                validate_options(framework["name"], {k: v for k, v in framework.items() if k != "name"})
-            except ConfigError as err:
-                problems += err.problems
+        try:  # the framework too, so that one message lists every problem
+            _check_framework(cfg, raw)
+        except ConfigError as err:
+            problems += err.problems
         try:  # the spec too, so that one message lists every problem
             dataset = cfg.dataset if cfg else DatasetConfig.model_validate(raw.get("dataset"))
             compiled = compile_model(raw.get("model"), dataset.input_shape, dataset.num_classes, model_source)
@@ -68,9 +65,10 @@ class RunContext:
     def config_hash(self) -> str:
         """Identifies what a run computes, to skip finished sweep jobs (cnnrun.sweep.resume).
 
-        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress), and the
-        CPU threads and GPU index a parallel sweep hands each job (cnnrun.sweep.resources), which differ between
-        identical jobs of two invocations. Hydra's output directory is not part of the config.
+        Left out: where results go and how they are shown (tracking, sweep, summary, trainer.progress),
+        task=predict's settings (inputs, predict), and the CPU threads and GPU index a parallel sweep hands each
+        job (cnnrun.sweep.resources), which differ between identical jobs of two invocations. Hydra's output
+        directory is not part of the config.
         """
         relevant = {k: v for k, v in self.raw.items() if k not in HASH_IGNORED_GROUPS}
         for group, key in HASH_IGNORED_KEYS:
@@ -79,8 +77,21 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
+
+
+def _check_framework(cfg, raw: Dict[str, Any]) -> None:
+    """The framework and its options suit the task; from the raw config when the rest of it is invalid."""
+    from cnnrun.backends import check_framework
+
+    if cfg is not None:
+        check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
+        return
+    framework = raw.get("framework")
+    if not isinstance(framework, dict) or not isinstance(framework.get("name"), str):
+        return  # reported by the config's own validation
+    check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:

@@ -3,12 +3,22 @@
 The model holds cnnrun's safetensors checkpoint as its one artifact. Loading builds a runner on the CPU with the
 framework the checkpoint was trained with (any other installed one when that is missing: the weights are in
 cnnrun's framework-neutral layout), so torch, tensorflow, keras and chainer models all load. Loading needs cnnrun
-installed (the pickled wrapper refers to this module). ``predict`` takes uint8 images (N, H, W, C) — also
-(N, H, W) for one channel, flattened rows (N, H*W*C) or a DataFrame of such rows — and returns the class
-probabilities, float32 (N, classes).
+installed (the pickled wrapper refers to this module).
+
+``predict`` takes images (N, H, W, C), also (N, H, W) for one channel or flattened rows (N, H*W*C) (a DataFrame of
+such rows too), in one of two forms: integer pixel values 0..255 (uint8, or any integer type, e.g. from JSON) or
+floats in [0, 1] (the form most Keras and PyTorch code holds; multiplied by 255 and rounded). Anything else is
+refused with a message that says what was received and what is expected: another shape or number of channels,
+floats outside [0, 1] (e.g. 0..255 values as floats: send them as integers or divide by 255), NaN, booleans,
+strings. It returns the class probabilities, float32 (N, classes).
+
+The logged signature states the canonical input, uint8 (-1, H, W, C), and the output; with an input example. MLflow
+itself would refuse every dtype but the signature's, so the signature is marked as checked by the model (as MLflow
+does for type-hinted models): this module checks each input, in Python and behind ``mlflow models serve`` alike.
 
 ``log_pyfunc`` is called by :meth:`cnnrun.tracking.MlflowLogger.log_model` at the end of training
-(``tracking.log_model=true``); it is cheap: no environment inference, no input example run.
+(``tracking.log_model=true``), and registers the model when ``tracking.register_model`` names it. No environment
+inference; MLflow runs the input example through the model once, in this process, to check that it serves.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from cnnrun.metrics import softmax
 
 try:
     from mlflow.pyfunc import PythonModel
@@ -35,72 +47,98 @@ FRAMEWORK_PACKAGES = {"torch": ["torch"], "tensorflow": ["tensorflow"], "keras":
 class CnnrunModel(PythonModel):
     """MLflow pyfunc wrapper: builds cnnrun's runner from the checkpoint artifact at load time."""
 
-    _skip_type_hint_validation = True  # predict accepts several input forms (see as_images): no schema check
+    _skip_type_hint_validation = True  # predict checks its input itself (see as_images)
 
     def load_context(self, context) -> None:
-        self.runner, self.checkpoint, self.framework = build_runner(Path(context.artifacts[ARTIFACT]))
+        self.predictor = load_with_any_framework(Path(context.artifacts[ARTIFACT]))
 
     def predict(self, context, model_input, params: Optional[dict] = None) -> np.ndarray:
-        images = as_images(model_input, tuple(self.checkpoint.input_shape))
-        batch = int((params or {}).get("batch_size", 256))
-        out = [softmax(self.runner.predict_logits(images[i : i + batch])) for i in range(0, len(images), batch)]
-        classes = len(self.checkpoint.class_names)
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, classes), np.float32)
+        from cnnrun.predictor import probabilities
 
-
-def build_runner(path: Path, framework: Optional[str] = None):
-    """(runner with the checkpoint's weights on the CPU, checkpoint, framework used)."""
-    from cnnrun import checkpoint as ckpt_io
-    from cnnrun.backends import BACKENDS, create_runner, validate_options
-    from cnnrun.config import DeviceConfig, OptimizerConfig
-    from cnnrun.errors import UserError
-    from cnnrun.spec import compile_model
-
-    ckpt = ckpt_io.load(path)
-    compiled = compile_model(ckpt.spec, tuple(ckpt.input_shape), len(ckpt.class_names), f"checkpoint {path}")
-    recorded = framework or ckpt.origin.get("framework") or "torch"
-    candidates = [recorded] + [name for name in BACKENDS if name != recorded]
-    optimizer = OptimizerConfig(name="sgd", lr=0.01)  # unused: the runner only predicts
-    failures = []
-    for name in candidates:
         try:
-            runner = create_runner(name, compiled, optimizer, validate_options(name, {}), DeviceConfig(name="cpu"),
-                                   0, ckpt.mean, ckpt.std)
+            images = as_images(model_input, tuple(self.predictor.input_shape))
+        except ValueError as err:  # MLflow's own kind of input error: HTTP 400 behind `mlflow models serve`
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(f"cnnrun model input: {err}") from None
+        return probabilities(self.predictor, images, int((params or {}).get("batch_size", 256)))
+
+
+def load_with_any_framework(path: Path):
+    """The checkpoint's predictor on the CPU, in the framework it was trained with if installed, else another."""
+    from cnnrun import checkpoint as ckpt_io
+    from cnnrun.backends import BACKENDS
+    from cnnrun.errors import UserError
+    from cnnrun.predictor import checkpoint_predictor
+
+    recorded = ckpt_io.load(path).origin.get("framework") or "torch"
+    failures = []
+    for name in [recorded] + [name for name in BACKENDS if name != recorded]:
+        try:
+            return checkpoint_predictor(path, name)
         except UserError as err:  # that framework is not installed here: the weights load into any other
             failures.append(str(err))
-            continue
-        runner.set_weights(ckpt.weights)
-        return runner, ckpt, name
     raise UserError("no framework can load this model: " + "; ".join(failures))
 
 
 def as_images(model_input: Any, input_shape) -> np.ndarray:
-    """Whatever predict received → uint8-valued (N, H, W, C) as the runners expect."""
+    """Whatever predict received → uint8 (N, H, W, C) as the runners expect, or a ValueError saying what is wrong."""
     channels, height, width = input_shape
+    expected = f"images (N, {height}, {width}, {channels})"
     if isinstance(model_input, dict) and len(model_input) == 1:  # {"inputs": ...} from a serving request
         model_input = next(iter(model_input.values()))
     if hasattr(model_input, "to_numpy"):  # a pandas DataFrame or Series of flattened images
         model_input = model_input.to_numpy()
-    array = np.asarray(model_input)
+    try:
+        array = np.asarray(model_input)
+    except ValueError as err:  # ragged nested lists
+        raise ValueError(f"expected {expected}; received input that is not a rectangular array ({err})") from None
+    array = _as_nhwc(array, channels, height, width, expected)
+    return _as_pixels(array)
+
+
+def _as_nhwc(array: np.ndarray, channels: int, height: int, width: int, expected: str) -> np.ndarray:
     if array.ndim == 2 and array.shape[1] == height * width * channels:
-        array = array.reshape(-1, height, width, channels)
-    elif array.ndim == 3 and channels == 1:
-        array = array[..., None]
+        return array.reshape(-1, height, width, channels)
+    if array.ndim == 3 and channels == 1 and array.shape[1:] == (height, width):
+        return array[..., None]
+    if array.ndim == 4 and array.shape[1:3] == (height, width) and array.shape[3] != channels:
+        raise ValueError(f"expected {expected}: {channels} channel(s) last; received {array.shape[3]} channel(s), "
+                         f"shape {array.shape}" + (" (convert to grayscale)" if channels == 1 else ""))
+    if array.ndim == 4 and array.shape[1] == channels and array.shape[2:] == (height, width):
+        raise ValueError(f"expected {expected}, channels last; received channels first, shape {array.shape} "
+                         "(transpose to (N, H, W, C))")
     if array.ndim != 4 or array.shape[1:] != (height, width, channels):
-        raise ValueError(f"expected images (N, {height}, {width}, {channels}); received shape {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.clip(np.rint(array.astype(np.float64)), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(array)
+        raise ValueError(f"expected {expected}, also (N, {height}, {width}) for one channel or flattened rows "
+                         f"(N, {height * width * channels}); received shape {array.shape}")
+    return array
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+def _as_pixels(array: np.ndarray) -> np.ndarray:
+    """uint8 as it is; other integers when within 0..255; floats when within [0, 1]; nothing else."""
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype.kind in "iu":
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"expected integer pixel values 0..255; received {array.dtype} values from "
+                             f"{array.min()} to {array.max()}")
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if array.size and not np.isfinite(array).all():
+            raise ValueError("expected float images in [0, 1]; received NaN or infinite values")
+        if array.size and (array.min() < 0 or array.max() > 1):
+            hint = (" (pixel values 0..255: send them as integers, e.g. uint8, or divide by 255)"
+                    if array.max() <= 255 and array.min() >= 0 else "")
+            raise ValueError(f"expected float images in [0, 1]; received {array.dtype} values from "
+                             f"{array.min():g} to {array.max():g}{hint}")
+        return np.rint(array.astype(np.float64) * 255).astype(np.uint8)
+    raise ValueError(f"expected uint8 (or integer 0..255) images or float images in [0, 1]; received dtype "
+                     f"{array.dtype}")
 
 
-def log_pyfunc(run_id: str, checkpoint: Path, name: str = "model"):
-    """Log ``checkpoint`` as the run's pyfunc model (MLflow 3: a LoggedModel linked to the run)."""
+def log_pyfunc(run_id: str, checkpoint: Path, name: str = "model", register_as: Optional[str] = None):
+    """Log ``checkpoint`` as the run's pyfunc model (MLflow 3: a LoggedModel linked to the run), with its
+    signature and an input example; register it as ``register_as`` (a new version, linked to the run) if given."""
     import importlib.metadata
 
     import mlflow
@@ -108,9 +146,6 @@ def log_pyfunc(run_id: str, checkpoint: Path, name: str = "model"):
     from cnnrun import checkpoint as ckpt_io
 
     ckpt = ckpt_io.load(checkpoint)
-    # No MLflow signature: one would make pyfunc refuse all but exactly uint8 (N, H, W, C) before predict sees
-    # the input; the metadata says what the model expects instead.
-    signature = None
     framework = ckpt.origin.get("framework", "torch")
     requirements = [f"mlflow=={mlflow.__version__}"]
     for package in ["numpy", "pydantic", "safetensors", "pyyaml"] + FRAMEWORK_PACKAGES.get(framework, []):
@@ -121,7 +156,37 @@ def log_pyfunc(run_id: str, checkpoint: Path, name: str = "model"):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with warnings.catch_warnings(), _quiet("mlflow.pyfunc", "mlflow.models"):
         warnings.simplefilter("ignore")  # advice for hand-written models (type hints, input examples)
-        return _log(run_id, checkpoint, name, signature, requirements, ckpt, framework)
+        info = _log(run_id, checkpoint, name, signature(ckpt), requirements, ckpt, framework)
+    if register_as:
+        _register(info, register_as, run_id)
+    return info
+
+
+def signature(ckpt):
+    """uint8 images (-1, H, W, C) → float32 probabilities (-1, classes); checked by the model (see the module)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    channels, height, width = ckpt.input_shape
+    result = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, height, width, channels))]),
+                            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(ckpt.class_names)))]))
+    # MLflow would refuse the float form before predict sees it; what it does for type-hinted models instead:
+    # the signature is recorded, and the model checks its input (as_images).
+    result._is_signature_from_type_hint = True
+    return result
+
+
+def input_example(ckpt) -> np.ndarray:
+    """Two mid-grey images: small (a few KB of JSON) and in the canonical uint8 form."""
+    channels, height, width = ckpt.input_shape
+    return np.full((2, height, width, channels), 128, np.uint8)
+
+
+def _register(info, name: str, run_id: str):
+    import mlflow
+
+    with _quiet("mlflow.tracking._model_registry", "mlflow.store.model_registry"):
+        return mlflow.register_model(f"runs:/{run_id}/{info.name or 'model'}", name)
 
 
 @contextmanager
@@ -155,11 +220,13 @@ def _log(run_id, checkpoint, name, signature, requirements, ckpt, framework):
         python_model=CnnrunModel(),
         artifacts={ARTIFACT: str(checkpoint)},
         signature=signature,
+        input_example=input_example(ckpt),
         pip_requirements=requirements,  # stated, not inferred: inference would load the model in a subprocess
         metadata={
             "cnnrun_framework": framework,
             "class_names": list(ckpt.class_names),
-            "input": f"uint8 images (N, {ckpt.input_shape[1]}, {ckpt.input_shape[2]}, {ckpt.input_shape[0]})",
+            "input": f"images (N, {ckpt.input_shape[1]}, {ckpt.input_shape[2]}, {ckpt.input_shape[0]}): uint8 "
+                     "(or integers 0..255) or floats in [0, 1]",
             "output": f"float32 class probabilities (N, {len(ckpt.class_names)})",
         },
     )

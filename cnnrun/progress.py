@@ -85,3 +85,37 @@ class ProgressView:
             self._progress = None
         if self.live and self.table.row_count:
             console.print(self.table)
+
+
+class ItemProgress:
+    """Progress through a known number of items (task=predict's images): a transient rich bar on a terminal,
+    else a plain line at about every tenth, so logs and pipes get readable lines instead of redraws."""
+
+    def __init__(self, label: str, total: int, enabled: bool):
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = enabled and total > 0
+        self._next_line = 0
+        self._progress: Optional[Progress] = None
+
+    def __enter__(self) -> "ItemProgress":
+        if self.enabled and console.is_terminal:
+            self._progress = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), console=console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done)
+        elif self.enabled and (self.done >= self._next_line or self.done >= self.total):
+            console.print(f"{self.label} {self.done}/{self.total}", highlight=False)
+            self._next_line = self.done + max(1, self.total // 10)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -118,12 +118,14 @@ class NullLogger:
 class MlflowLogger:
     """One MLflow run. Created by :func:`start_run`, which checks that the store answers before training."""
 
-    def __init__(self, client, run_id: str, uri: str = "", offline_dir: Optional[Path] = None, log_model: bool = True):
+    def __init__(self, client, run_id: str, uri: str = "", offline_dir: Optional[Path] = None, log_model: bool = True,
+                 register_model: Optional[str] = None):
         self.client = client
         self.run_id = run_id
         self.uri = uri
         self.offline_dir = Path(offline_dir) if offline_dir else Path.cwd() / OFFLINE_FOLDER / run_id
         self.should_log_model = log_model
+        self.register_model = register_model  # a model registry name, or None
         self.latest: Dict[str, float] = {}  # each metric's last value (a sweep job's objective comes from here)
         self.offline = None  # an OfflineLog once the store stopped answering
         self._ended = False
@@ -183,13 +185,14 @@ class MlflowLogger:
         )
 
     def log_model(self, checkpoint: os.PathLike) -> None:
-        """The checkpoint as an MLflow pyfunc model (tracking.log_model), so mlflow.pyfunc.load_model predicts."""
+        """The checkpoint as an MLflow pyfunc model (tracking.log_model), so mlflow.pyfunc.load_model predicts;
+        registered as tracking.register_model when that names it."""
         if not self.should_log_model or self.offline is not None:
             return
         from cnnrun.mlflow_model import log_pyfunc
 
         try:
-            log_pyfunc(self.run_id, Path(checkpoint))
+            log_pyfunc(self.run_id, Path(checkpoint), register_as=self.register_model)
         except _tracking_errors() as err:
             self._go_offline("logging the model", err)
         except Exception as err:  # the run's results are recorded; a model that cannot be packaged only warns
@@ -263,7 +266,8 @@ def start_run(
     def logger(run_id: str) -> MlflowLogger:
         mlflow.set_tracking_uri(cfg.uri)
         sweep_job.note_run(run_id)
-        return MlflowLogger(client, run_id, cfg.uri, offline_dir, getattr(cfg, "log_model", True))
+        return MlflowLogger(client, run_id, cfg.uri, offline_dir, getattr(cfg, "log_model", True),
+                            getattr(cfg, "register_model", None))
 
     try:
         experiment_id = ensure_experiment(client, cfg.experiment)

@@ -61,3 +61,24 @@ def test_training_imports_only_its_framework(framework, tmp_path):
     loaded = loaded_after(args, tmp_path)
     assert framework in loaded or BACKENDS[framework].package in loaded
     assert loaded <= ALLOWED[framework], f"framework={framework} also imported {loaded - ALLOWED[framework]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "chainer"])
+def test_predict_imports_only_the_checkpoints_framework(framework, tmp_path):
+    """task=predict without framework= runs in the framework that trained the checkpoint, and imports no other."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnrun import checkpoint as ckpt_io
+    from cnnrun.spec import compile_model
+    from cnnrun.spec.init import initial_weights
+    from tests.helpers import shipped_model
+
+    model = compile_model(shipped_model("classic_cnn"), (1, 28, 28), 10)
+    ckpt_io.save(tmp_path / "model.safetensors", ckpt_io.Checkpoint(
+        weights=initial_weights(model, 0), spec=model.spec, input_shape=model.input_shape,
+        class_names=tuple(str(d) for d in range(10)), mean=(33.5,), std=(78.7,), origin={"framework": framework}))
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    loaded = loaded_after(["task=predict", "checkpoint=model.safetensors", "inputs=a.png"], tmp_path)
+    assert loaded == {framework}

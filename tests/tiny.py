@@ -4,8 +4,13 @@ the sweep, tracking-server and UI tests share."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 TINY = [
@@ -25,6 +30,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_up(process: subprocess.Popen, url: str, log: Path, what: str, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; raise with the end of ``log`` if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.25)
+    raise RuntimeError(f"{what} did not answer after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """Kill a server started with ``start_new_session=True`` with its whole process group (workers too)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
 
 
 def rest(base_url: str, endpoint: str, payload: Optional[Dict[str, Any]] = None, timeout: float = 30) -> Dict:

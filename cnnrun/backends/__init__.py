@@ -98,6 +98,25 @@ BACKENDS: Dict[str, BackendInfo] = {
 }
 
 
+# Runtimes of exported models (``cnnrun task=export``): they predict, they cannot train. Imported lazily by
+# cnnrun.predictor; only task=predict accepts them.
+PREDICT_ONLY: Dict[str, str] = {"onnx": "cnnrun.export.onnx_runtime"}
+
+
+def check_framework(task: str, name: str, options: Dict[str, Any]) -> None:
+    """The framework and its ``framework.*`` options suit ``task``; a ConfigError otherwise."""
+    if name not in PREDICT_ONLY:
+        validate_options(name, options)
+        return
+    problems = []
+    if task != "predict":
+        problems.append(Problem("framework", f"framework={name} runs exported models and only predicts "
+                                             f"(task=predict); task={task} needs one of {one_of(BACKENDS)}"))
+    problems += [Problem(f"framework.{key}", f"unknown key; framework={name} has no options") for key in options]
+    if problems:
+        raise ConfigError(problems, f"framework={name}")
+
+
 def backend_info(name: str) -> BackendInfo:
     info = BACKENDS.get(name)
     if info is None:

@@ -85,7 +85,7 @@ def scan(root: Path) -> Tuple[Tuple[str, ...], List[Path], np.ndarray, np.ndarra
         for label, name in enumerate(class_names):
             if name not in names:
                 continue
-            found = _images(base / name)
+            found = image_files(base / name)
             if not found:
                 empty.append(str(base / name))
             files += found
@@ -118,7 +118,7 @@ def _class_dirs(directory: Path) -> List[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _images(directory: Path) -> List[Path]:
+def image_files(directory: Path) -> List[Path]:
     """Image files under ``directory`` (sub-folders too), sorted; hidden files and folders are skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(directory):
@@ -148,13 +148,11 @@ def _decoded(
     images = np.empty((len(files), size[0], size[1], channels), np.uint8)
 
     def decode(i: int) -> Optional[str]:
-        try:
-            images[i] = decode_image(files[i], size, channels)
-            return None
-        except UnidentifiedImageError:
-            return f"{files[i]}: not an image Pillow can identify"
-        except Exception as err:  # any decoder failure is the file's fault: report it, don't crash
-            return f"{files[i]}: {str(err) or type(err).__name__}"
+        image, why = read_image(files[i], size, channels)
+        if image is None:
+            return f"{files[i]}: {why}"
+        images[i] = image
+        return None
 
     # Pillow releases the GIL while decoding, so threads give a real speed-up on many small files
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -169,6 +167,16 @@ def _decoded(
         )
     cache.save_arrays(cache_dir, "folder", key, {"images": images})
     return images
+
+
+def read_image(path: Path, size: Tuple[int, int], channels: int) -> Tuple[Optional[np.ndarray], str]:
+    """(:func:`decode_image`'s array, "") or (None, why the file could not be read)."""
+    try:
+        return decode_image(path, size, channels), ""
+    except UnidentifiedImageError:
+        return None, "not an image Pillow can identify"
+    except Exception as err:  # any decoder failure is the file's fault: report it, don't crash
+        return None, str(err) or type(err).__name__
 
 
 def decode_image(path: Path, size: Tuple[int, int], channels: int) -> np.ndarray:

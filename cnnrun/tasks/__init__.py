@@ -1,8 +1,9 @@
-"""The tasks a run can perform (``task=...``): train, summary, eval, validate. Each is one module."""
+"""The tasks a run can perform (``task=...``): train, summary, eval, validate, predict. Each is one module."""
 
 TASKS = {
     "train": "cnnrun.tasks.train",
     "summary": "cnnrun.tasks.summary",
     "eval": "cnnrun.tasks.evaluate",
     "validate": "cnnrun.tasks.validate",
+    "predict": "cnnrun.tasks.predict",
 }

@@ -13,7 +13,7 @@ import cnnrun
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.data import Dataset, load_dataset
 from cnnrun.errors import UserError
-from cnnrun.metrics import confusion_matrix
+from cnnrun.metrics import confusion_matrix, summarise
 from cnnrun.spec import fmt_shape
 
 
@@ -78,12 +78,17 @@ def make_checkpoint(ctx, runner, dataset: Dataset, origin: Dict, progress: Dict,
     )
 
 
-def report_test(ctx, runner, dataset: Dataset, logger, title: str, prefix: str = "test") -> Dict[str, float]:
-    """Evaluate on the test split, log test metrics and the confusion-matrix PNG; return the metrics."""
+def report_test(ctx, runner, dataset: Dataset, logger, title: str, prefix: str = "test",
+                logits: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """Evaluate on the test split (or take its ``logits`` when already computed), log test metrics and the
+    confusion-matrix PNG; return the metrics."""
     from cnnrun.plots import confusion_matrix_plot
     from cnnrun.trainer import evaluate
 
-    loss, acc, predictions = evaluate(runner, dataset.test, ctx.cfg.trainer.eval_batch_size)
+    if logits is None:
+        loss, acc, predictions = evaluate(runner, dataset.test, ctx.cfg.trainer.eval_batch_size)
+    else:
+        loss, acc, predictions = summarise([(logits, dataset.test.labels)])
     metrics = {f"{prefix}_loss": loss, f"{prefix}_acc": acc}
     logger.log_metrics(metrics)
     counts = confusion_matrix(dataset.test.labels, predictions, dataset.num_classes)

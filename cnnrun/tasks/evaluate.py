@@ -4,21 +4,28 @@
 
 The model comes from the checkpoint (its stored spec, validated like a user's), not from ``model=``; the
 dataset comes from the config and must give the images and classes the checkpoint was trained on. Inputs are
-normalised with the checkpoint's own mean and std, as in training.
+normalised with the checkpoint's own mean and std, as in training. Besides the test metrics and confusion matrix,
+``test_predictions.csv`` holds every test image's predicted class and class probabilities.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 from pathlib import Path
 from typing import Dict
+
+import numpy as np
 
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
 from cnnrun.errors import UserError
+from cnnrun.metrics import softmax
+from cnnrun.predictor import batches
 from cnnrun.progress import console
 from cnnrun.spec import CompiledModel, compile_model, fmt_shape
-from cnnrun.tasks.common import ending_run, load_data, report_test, run_tags
+from cnnrun.tasks.common import ending_run, load_data, report_test, run_tags, write_text
 from cnnrun.tracking import start_run
 
 
@@ -86,6 +93,17 @@ def _run_name(ctx, runner) -> str:
     return f"{ctx.compiled.name}-eval-{ctx.cfg.framework.name}-{runner.device_name.split(' ')[0]}"
 
 
+def write_test_predictions(path: Path, dataset, probabilities) -> Path:
+    """Per test image: its index in the split, true and predicted class, and every class's probability."""
+    rows = [["index", "label", "predicted"] + [f"probability_{name}" for name in dataset.class_names]]
+    for index, (label, probs) in enumerate(zip(dataset.test.labels, probabilities)):
+        names = dataset.class_names
+        rows.append([index, names[label], names[int(probs.argmax())]] + [repr(float(p)) for p in probs])
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    return write_text(path, out.getvalue())
+
+
 def _names(names) -> str:
     shown = ", ".join(names[:5])
     return f"[{shown}{', …' if len(names) > 5 else ''}]"
@@ -102,6 +120,10 @@ def _evaluate(ctx, runner, dataset, logger, ckpt: ckpt_io.Checkpoint, path: Path
         f"({len(dataset.test):,} test images) with {cfg.framework.name} {version} on {runner.device_name}; "
         f"run {logger.run_id or '(not tracked)'}"
     )
-    test = report_test(ctx, runner, dataset, logger, f"{ctx.compiled.name} / {cfg.framework.name} (eval)")
+    images = dataset.test.images
+    logits = np.concatenate([runner.predict_logits(batch) for batch in batches(images, cfg.trainer.eval_batch_size)])
+    test = report_test(ctx, runner, dataset, logger, f"{ctx.compiled.name} / {cfg.framework.name} (eval)",
+                       logits=logits)
+    logger.log_artifact(write_test_predictions(ctx.output_dir / "test_predictions.csv", dataset, softmax(logits)))
     console.print(f"test accuracy [bold]{test['test_acc']:.4f}[/] (loss {test['test_loss']:.4f})")
     return test["test_acc"]

@@ -10,18 +10,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
-from tests.tiny import free_port
+from tests.tiny import free_port, kill_group, wait_until_up
 
 
 class MlflowServer:
@@ -41,27 +38,12 @@ class MlflowServer:
                                         start_new_session=True, cwd=root, env=env)
 
     def wait(self, timeout: float = 120) -> "MlflowServer":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = self.log.read_text()[-3000:]
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{log}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.25)
-        raise RuntimeError(f"mlflow server not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_until_up(self.process, f"{self.url}/health", self.log, "mlflow server", timeout)
+        return self
 
     def kill(self) -> None:
         """Kill the server's whole process group (uvicorn and its workers) at once."""
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=30)
+        kill_group(self.process)
 
 
 @pytest.fixture
