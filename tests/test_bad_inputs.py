@@ -73,7 +73,7 @@ CASES = [
      ["model.layers.0.filter=3: model.layers[0] has no key 'filter' (did you mean 'filters'?)"]),
     # unknown names
     ("framework-group-unknown", ["framework=jax"], ["cnnrun: framework=jax: config group 'framework' has no choice",
-                                                    "'chainer', 'keras', 'tensorflow' or 'torch'"]),
+                                                    "'chainer', 'keras'", "'torch'"]),
     ("framework-name-unknown", ["framework.name=pytorch"],
      ["framework.name: unknown framework 'pytorch' (did you mean 'torch'?)"]),
     ("device-group-unknown", ["device=tpu"], ["device=tpu", "device/tpu.yaml", "'auto', 'cpu' or 'cuda'"]),
