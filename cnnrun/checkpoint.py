@@ -82,6 +82,14 @@ def save(path: os.PathLike, ckpt: Checkpoint) -> Path:
     return path
 
 
+def load_setting(key: str, value: str, path: os.PathLike) -> Checkpoint:
+    """:func:`load` the checkpoint a config key names (``trainer.resume``, ``checkpoint``): errors name the key."""
+    try:
+        return load(path)
+    except UserError as err:
+        raise UserError(f"{key}={value}: {err}") from None
+
+
 def load(path: os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint; every way it can be wrong is a :class:`UserError` naming the file."""
     from safetensors import SafetensorError

@@ -28,6 +28,8 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
+        from cnnrun import preflight
+
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
         cfg = None
@@ -50,6 +52,7 @@ class RunContext:
             problems += err.problems
         except ValidationError:
             compiled = None  # the dataset group is invalid: already reported above
+        problems += preflight.problems(raw)  # what the run itself needs: dataset, framework install, files, ...
         if problems:
             only_model = all(p.key.startswith("model.") for p in problems)
             header = model_source if only_model else "the config"
@@ -91,7 +94,6 @@ HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", 
 def _check_framework(cfg, raw: Dict[str, Any]) -> None:
     """The framework and its options suit the task; from the raw config when the rest of it is invalid."""
     from cnnrun.backends import check_framework
-    from cnnrun.errors import UserError
 
     if cfg is not None:
         check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
@@ -99,12 +101,7 @@ def _check_framework(cfg, raw: Dict[str, Any]) -> None:
     framework = raw.get("framework")
     if not isinstance(framework, dict) or not isinstance(framework.get("name"), str):
         return  # reported by the config's own validation
-    try:
-        check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
-    except ConfigError:
-        raise
-    except UserError:  # an unknown framework name: said once the rest of the config is valid
-        pass
+    check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:

@@ -1,5 +1,6 @@
 """The bad-input matrix: each mistake goes through the real CLI and must end with a non-zero exit, a message that
-names the key or file and what is allowed, no traceback, and no MLflow run left RUNNING."""
+names the key or file and what is allowed, exit code 2 (a user error), no traceback, and no MLflow run left
+RUNNING."""
 
 from pathlib import Path
 
@@ -64,14 +65,36 @@ CASES = [
     ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
     ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
     ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),
-    ("hydra-key-not-in-config", ["trainer.epoch=3"], ["trainer.epoch"]),
+    ("hydra-key-not-in-config", ["trainer.epoch=3"],
+     ["cnnrun: trainer.epoch=3: trainer has no key 'epoch' (did you mean 'epochs'?); its keys: epochs, batch_size"]),
+    ("nested-key-added", ["+trainer.epoch=3"],
+     ["trainer.epoch: unknown key 'epoch' (did you mean 'epochs'?); allowed keys: epochs, batch_size"]),
+    ("layer-key-not-in-config", ["model.layers.0.filter=3"],
+     ["model.layers.0.filter=3: model.layers[0] has no key 'filter' (did you mean 'filters'?)"]),
     # unknown names
-    ("framework-group-unknown", ["framework=jax"], ["framework/jax", "torch", "chainer"]),
-    ("framework-name-unknown", ["framework.name=pytorch"], ["framework=pytorch is unknown", "did you mean 'torch'"]),
-    ("device-group-unknown", ["device=tpu"], ["device/tpu", "cuda"]),
+    ("framework-group-unknown", ["framework=jax"], ["cnnrun: framework=jax: config group 'framework' has no choice",
+                                                    "'chainer', 'keras'", "'torch'"]),
+    ("framework-name-unknown", ["framework.name=pytorch"],
+     ["framework.name: unknown framework 'pytorch' (did you mean 'torch'?)"]),
+    ("device-group-unknown", ["device=tpu"], ["device=tpu", "device/tpu.yaml", "'auto', 'cpu' or 'cuda'"]),
     ("device-name-unknown", ["device.name=gpu"], ["device.name", "'cpu', 'cuda', 'cuda:N' or 'auto'"]),
     ("dataset-group-unknown", ["dataset=imagenet"], ["dataset/imagenet", "mnist_5k"]),
-    ("model-group-unknown", ["model=nope"], ["model/nope", "classic_cnn"]),
+    ("model-group-unknown", ["model=nope"], ["model=nope", "model/nope", "'classic_cnn'", "'resnet_lite'"]),
+    ("hydra-group-unknown", ["hydra/launcher=nope"], ["hydra/launcher=nope", "'basic' or 'joblib'"]),
+    ("dataset-name-unknown", ["dataset.name=mnsit"], ["dataset.name: unknown dataset 'mnsit' (did you mean 'mnist'?)"]),
+    ("sweep-objective-unknown", ["sweep.objective=val_accuracy"], ["sweep.objective", "did you mean 'val_acc'"]),
+    ("tracking-uri-scheme", ["tracking.uri=htp://127.0.0.1:5000"], ["tracking.uri: unknown scheme 'htp'"]),
+    ("tracking-uri-sqlite-slashes", ["tracking.uri=sqlite://mlflow.db"], ["tracking.uri", "three slashes"]),
+    # task=validate checks what a run would, and reports every problem with the schema's in one message
+    ("validate-dataset-unknown", ["task=validate", "dataset.name=mnsit"], ["dataset.name", "did you mean 'mnist'"]),
+    ("validate-every-problem", ["task=validate", "model.layers.0.padding=smae", "framework.name=tensorflw",
+                                "trainer.epochs=abc", "dataset.name=mnsit", "trainer.resume={dir}/missing.safetensors",
+                                "sweep.objective=val_accc", "tracking.uri=htp://x"],
+     ["the config has 7 problems", "model.layers[0].padding", "framework.name: unknown framework 'tensorflw'",
+      "trainer.epochs", "dataset.name", "trainer.resume: ", "sweep.objective", "tracking.uri"]),
+    ("validate-folder-without-root", ["task=validate", "dataset=folder"], ["dataset.root: required"]),
+    ("validate-missing-checkpoint", ["task=validate", "checkpoint={dir}/missing.safetensors"],
+     ["checkpoint: ", "missing.safetensors does not exist"]),
     # the environment
     ("cuda-without-gpu", ["device=cuda"], ["device=cuda", "no usable CUDA GPU"]),
     ("dataset-missing-offline", ["dataset=mnist", "dataset.download=false", "dataset.root={dir}/empty"],
@@ -81,10 +104,14 @@ CASES = [
     ("tracking-unreachable", ["tracking.uri=http://127.0.0.1:9"], ["tracking.uri=http://127.0.0.1:9 cannot be used"]),
     # checkpoints
     ("eval-without-checkpoint", ["task=eval"], ["checkpoint"]),
-    ("eval-missing-checkpoint", ["task=eval", "checkpoint={dir}/missing.safetensors"], ["does not exist"]),
-    ("eval-garbage-checkpoint", ["task=eval", "checkpoint={dir}/garbage.safetensors"], ["not a cnnrun checkpoint"]),
-    ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["does not exist"]),
-    ("resume-last-nothing", ["trainer.resume=last"], ["trainer.resume=last: no checkpoints/last.safetensors"]),
+    ("eval-missing-checkpoint", ["task=eval", "checkpoint={dir}/missing.safetensors"],
+     ["checkpoint: ", "missing.safetensors does not exist"]),
+    ("eval-garbage-checkpoint", ["task=eval", "checkpoint={dir}/garbage.safetensors"],
+     ["checkpoint=", "not a cnnrun checkpoint"]),
+    ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["trainer.resume: ", "does not exist"]),
+    ("resume-garbage", ["trainer.resume={dir}/garbage.safetensors"], ["trainer.resume=", "not a cnnrun checkpoint"]),
+    ("resume-last-nothing", ["trainer.resume=last"],
+     ["trainer.resume: no checkpoints/last.safetensors", "trainer.resume=last"]),
     ("resume-other-model", ["trainer.resume={dir}/resnet_last.safetensors"],
      ["was trained with a different model", "model.layers[0]"]),
     ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),
@@ -125,7 +152,8 @@ def test_bad_input(stage, case_id, args, fragments, tmp_path):
     result = run_cli(["--config-dir", str(stage / "my_configs"), f"tracking.uri={uri}", "trainer.progress=false",
                       *args], tmp_path, env={"CNNRUN_DATA_DIR": str(tmp_path / "data"),
                                              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-    assert result.returncode != 0, f"{case_id} was accepted:\n{result.stdout[-2000:]}"
+    output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert result.returncode == 2, f"{case_id}: exit code {result.returncode}, not 2 (a user error):\n{output}"
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-4000:]
     for fragment in fragments:
         assert fragment in result.stderr, f"{case_id}: {fragment!r} not in:\n{result.stderr[-3000:]}"
