@@ -18,7 +18,7 @@ T = TypeVar("T")
 # sweep.objective may name, checked before any job runs.
 METRICS = (
     "best_val_acc", "best_epoch", "test_acc", "test_loss", "train_loss", "train_acc", "val_loss", "val_acc",
-    "epoch_seconds", "images_per_s",
+    "epoch_seconds", "images_per_s", "lr",
 )
 
 
