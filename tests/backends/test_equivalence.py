@@ -402,7 +402,7 @@ def _assert_weights_close(reference, result, key: str, optimizer: str, case: str
 
 def _atol(case: str, optimizer: str) -> float:
     if case == "resnet_lite":  # ill-conditioned (see OPTIMIZERS): step-1 gradients agree to 2e-5, 4 steps later
-        return 2e-3 if optimizer == "adam" else 1e-3  # 5e-4 apart under SGD, 9e-4 under Adam
+        return 3e-3 if optimizer == "adam" else 2e-3  # up to 1.3e-3 apart under SGD, 2.3e-3 under Adam (XLA)
     return 1e-4 if optimizer == "adam" else 2e-5
 
 
