@@ -1,15 +1,18 @@
 """The bad-input matrix: each mistake goes through the real CLI and must end with a non-zero exit, a message that
-names the key or file and what is allowed, exit code 2 (a user error), no traceback, and no MLflow run left
-RUNNING."""
+names the key or file and what is allowed, exit code 2 (a user error), no traceback, and no MLflow run started.
+Then the mistakes that show only once training is under way: exit 2, the run FAILED (never left RUNNING), and no
+half-written checkpoint."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
-from tests.helpers import mlflow_runs, run_cli, shipped_model
+from tests.helpers import mlflow_runs, run_cli, shipped_model, torch_sees_a_gpu
 
 MY_MODEL = "name: mine\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 10}\n"
 FILES = {
@@ -116,6 +119,8 @@ CASES = [
      ["was trained with a different model", "model.layers[0]"]),
     ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),
 ]
+# Mistakes only where PyTorch sees no GPU.
+NEEDS_NO_GPU = {"cuda-without-gpu"}
 
 
 def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:
@@ -124,7 +129,7 @@ def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:
         weights=initial_weights(model, 0), spec=model.spec, input_shape=model.input_shape,
         class_names=tuple(str(d) for d in range(10)), mean=(33.5,), std=(78.7,),
         origin={"framework": "torch"}, progress={"epoch": 1, "batch": 0} if with_state else {},
-        training_state={"rng/torch_cpu": __import__("numpy").zeros(4, "uint8")} if with_state else {},
+        training_state={"rng/torch_cpu": np.zeros(4, "uint8")} if with_state else {},
     ))
 
 
@@ -147,6 +152,8 @@ def test_the_matrix_is_large_enough():
 
 @pytest.mark.parametrize("case_id,args,fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(stage, case_id, args, fragments, tmp_path):
+    if case_id in NEEDS_NO_GPU and torch_sees_a_gpu():
+        pytest.skip("a CUDA GPU is visible to PyTorch here, so device=cuda is no mistake")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a.replace("{dir}", str(stage)) for a in args]
     result = run_cli(["--config-dir", str(stage / "my_configs"), f"tracking.uri={uri}", "trainer.progress=false",
@@ -158,4 +165,84 @@ def test_bad_input(stage, case_id, args, fragments, tmp_path):
     for fragment in fragments:
         assert fragment in result.stderr, f"{case_id}: {fragment!r} not in:\n{result.stderr[-3000:]}"
     _, runs = mlflow_runs(uri)
-    assert all(run.info.status != "RUNNING" for run in runs)
+    assert runs == []  # refused before a run was opened
+
+
+# --------------------------------------------------------------------------------------------------- after start
+
+TINY_RUN = ["model.layers.0.filters=4", "model.layers.2.filters=4", "model.layers.5.units=16", "device=cpu",
+            "dataset.val_fraction=0.3", "dataset.test_fraction=0.6", "trainer.progress=false",
+            "tracking.log_model=false"]
+
+
+def _failed_after_start(result, uri, *fragments):
+    """Exit 2, no traceback, the fragments in stderr, and the one MLflow run FAILED with the error recorded."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-4000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr[-3000:]}"
+    _, runs = mlflow_runs(uri)
+    assert [run.info.status for run in runs] == ["FAILED"]
+    return runs[0]
+
+
+def _no_partial_checkpoints(root: Path) -> None:
+    assert not list(root.rglob("*.tmp")), list(root.rglob("*.tmp"))
+    for path in root.rglob("*.safetensors"):
+        ckpt_io.load(path)  # complete and verified by its checksum
+
+
+def test_checkpoint_folder_that_cannot_be_created_fails_the_run(tmp_path):
+    """A file stands where the run's checkpoints/ folder goes (chmod would not stop root, who runs CI)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("in the way")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(TINY_RUN + ["trainer.epochs=1", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    run = _failed_after_start(result, uri, f"cannot write checkpoint {run_dir / 'checkpoints'}")
+    assert "cannot write checkpoint" in run.data.tags["cnnrun.error"]
+    assert (run_dir / "checkpoints").read_text() == "in the way"
+    _no_partial_checkpoints(run_dir)
+
+
+def test_divergence_in_epoch_2_fails_the_run_and_keeps_epoch_1s_checkpoint(tmp_path):
+    """Epoch 1 trains normally; the run continues into epoch 2 with a learning rate that blows it up."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = TINY_RUN + ["optimizer=sgd", f"tracking.uri={uri}"]
+    result = run_cli(args + ["trainer.epochs=1", f"hydra.run.dir={first}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_1 = ckpt_io.load(first / "checkpoints" / "best.safetensors")
+    result = run_cli(args + ["trainer.epochs=2", "optimizer.lr=1e12", "trainer.log_every=1",
+                             f"trainer.resume={first / 'checkpoints' / 'last.safetensors'}",
+                             f"hydra.run.dir={second}"], tmp_path)
+    _failed_after_start(result, uri, "training diverged", "in epoch 2", "optimizer.lr")
+    assert not (second / "checkpoints" / "last.safetensors").exists()  # nothing of the diverged epoch is saved
+    kept = ckpt_io.load(second / "checkpoints" / "best.safetensors")
+    assert kept.progress["epoch"] == 1 and kept.progress["best_epoch"] == 0
+    for name, value in epoch_1.weights.items():
+        np.testing.assert_array_equal(kept.weights[name], value, err_msg=name)
+    _no_partial_checkpoints(tmp_path)
+
+
+def test_unreadable_image_is_refused_before_any_run(tmp_path):
+    """dataset=folder decodes every image before the run opens, so a corrupt file costs no run at all."""
+    root = tmp_path / "images"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "two.yaml").write_text(
+        "name: two\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 2}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(["--config-dir", str(tmp_path / "conf"), "model=two", "dataset=folder", f"dataset.root={root}",
+                      "dataset.image_size=[8,8]", "dataset.channels=1", "dataset.num_classes=2",
+                      "trainer.progress=false", f"tracking.uri={uri}"], tmp_path,
+                     env={"CNNRUN_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{root / 'b' / '3.png'}" in result.stderr and "Traceback" not in result.stderr
+    _, runs = mlflow_runs(uri)
+    assert runs == []
+
