@@ -48,11 +48,11 @@ def _digest(tensors: Dict[str, np.ndarray]) -> str:
 
 
 def save(path: os.PathLike, ckpt: Checkpoint) -> Path:
-    """Write atomically: a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write atomically: a temporary file in the same directory, fsync, then rename over ``path``. A folder or
+    disk that refuses the file is a :class:`UserError` naming it; nothing partial is left behind."""
     from safetensors.numpy import save as to_bytes
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in ckpt.weights.items()}
     tensors.update({TRAIN_PREFIX + k: np.ascontiguousarray(v) for k, v in ckpt.training_state.items()})
     meta = {
@@ -69,17 +69,36 @@ def save(path: os.PathLike, ckpt: Checkpoint) -> Path:
         "sha256": _digest(tensors),
     }
     payload = to_bytes(tensors, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _unwritable(path, err) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _unwritable(path, err) from None
         raise
     return path
+
+
+def load_setting(key: str, value: str, path: os.PathLike) -> Checkpoint:
+    """:func:`load` the checkpoint a config key names (``trainer.resume``, ``checkpoint``): errors name the key."""
+    try:
+        return load(path)
+    except UserError as err:
+        raise UserError(f"{key}={value}: {err}") from None
+
+
+def _unwritable(path: Path, err: OSError) -> UserError:
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+    return UserError(f"cannot write checkpoint {path}: {err.strerror or err}{where}")
 
 
 def load(path: os.PathLike) -> Checkpoint:

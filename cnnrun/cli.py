@@ -1,4 +1,9 @@
-"""The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback."""
+"""The ``cnnrun`` command: a Hydra app. Compose → validate → run the task; user errors exit 2 with no traceback.
+
+Start-up time counts (``benchmarks/bench_startup.py``): ``--version`` answers before Hydra is imported, Hydra
+composes the config once and lists config groups cheaply (:mod:`cnnrun.hydra_startup`), and each task imports
+only what it uses.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,12 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
-
-import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING, Dict, List
 
 from cnnrun.errors import TrainingInterrupted, UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def _sources() -> Dict[str, str]:
@@ -56,6 +60,8 @@ def _is_multirun() -> bool:
 
 def run_task(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from cnnrun.context import RunContext
     from cnnrun.sweep import job as sweep_job
@@ -81,8 +87,8 @@ def _config_dir() -> str:
     return str(packaged if packaged.is_dir() else here.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
-def _hydra_main(cfg: DictConfig):
+def _task(cfg: DictConfig):
+    """What Hydra runs for each job: the task, with user errors reported as one message and exit code 2."""
     try:
         return run_task(cfg)
     except (UserError, TrainingInterrupted) as err:
@@ -103,14 +109,42 @@ def _sweep_failed(err: BaseException) -> None:
     finish_active("FAILED")
 
 
+def _describe_version_flag() -> None:
+    """--help lists Hydra's flags; --version is answered by :func:`main` before Hydra sees it, so say what it does."""
+    hydra_main_module = sys.modules["hydra.main"]  # the module: ``hydra.main`` is also the decorator's name
+    if getattr(hydra_main_module.get_args_parser, "_cnnrun", False):
+        return
+    original = hydra_main_module.get_args_parser
+
+    def get_args_parser():
+        parser = original()
+        for action in parser._actions:
+            if "--version" in action.option_strings:
+                action.help = "Show cnnrun's version and its stack's, and exit"
+        return parser
+
+    get_args_parser._cnnrun = True
+    hydra_main_module.get_args_parser = get_args_parser
+
+
 def main():
     """Console entry point: Hydra's app with cnnrun's error reporting."""
-    from cnnrun import hydra_errors
+    if "--version" in sys.argv[1:]:  # cnnrun's version (not Hydra's), without importing Hydra or composing
+        from cnnrun.version import report
+
+        print(report())
+        return None
+    import hydra
+
+    from cnnrun import hydra_errors, hydra_startup
     from cnnrun.sweep.callback import finish_active
 
     hydra_errors.install(on_error=_sweep_failed)
+    hydra_startup.install()
+    _describe_version_flag()
+    app = hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")(_task)
     try:
-        return _hydra_main()
+        return app()
     except KeyboardInterrupt:
         finish_active("KILLED")
         print("cnnrun: interrupted", file=sys.stderr)

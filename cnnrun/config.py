@@ -43,8 +43,37 @@ class DeviceConfig(_Group):
 
 
 class AugmentConfig(_Group):
+    """Training-batch augmentations (conf/dataset/augment/*.yaml), all seeded per batch."""
+
+    random_resized_crop: bool = Field(default=False, description="torchvision's RandomResizedCrop, then resize back.")
+    resized_crop_scale: Tuple[float, float] = Field(default=(0.08, 1.0), description="Box area, share of the image.")
+    resized_crop_ratio: Tuple[float, float] = Field(default=(0.75, 4 / 3), description="Box aspect ratio range.")
     random_crop_padding: int = Field(default=0, ge=0, description="Pad by this many pixels, then crop back at random.")
     horizontal_flip: bool = False
+    vertical_flip: bool = False
+    mixup_alpha: float = Field(default=0.0, ge=0.0, description="Mixup with λ ~ Beta(α, α); 0 = off.")
+    cutmix_alpha: float = Field(default=0.0, ge=0.0, description="CutMix with λ ~ Beta(α, α); 0 = off.")
+
+    @field_validator("resized_crop_scale", "resized_crop_ratio")
+    @classmethod
+    def _range(cls, value: Tuple[float, float]) -> Tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"expected [low, high] with 0 < low <= high; received {list(value)}")
+        return value
+
+    @field_validator("resized_crop_scale")
+    @classmethod
+    def _at_most_the_image(cls, value: Tuple[float, float]) -> Tuple[float, float]:
+        if value[1] > 1:
+            raise ValueError(f"a crop covers at most the whole image (scale <= 1); received {list(value)}")
+        return value
+
+    @property
+    def any(self) -> bool:
+        """Whether any augmentation is on (the trainer draws nothing otherwise)."""
+        return bool(self.random_resized_crop or self.random_crop_padding or self.horizontal_flip
+                    or self.vertical_flip or self.mixup_alpha or self.cutmix_alpha)
 
 
 class DatasetConfig(_Group):
@@ -67,14 +96,18 @@ class DatasetConfig(_Group):
 class OptimizerConfig(_Group):
     """Every hyperparameter stated, so that each framework runs the same update (their defaults differ)."""
 
-    name: Literal["adam", "sgd"]
+    name: Literal["adam", "adamw", "sgd", "rmsprop"]
     lr: float = Field(gt=0.0)
     beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
     eps: float = Field(default=1e-7, gt=0.0)
+    alpha: float = Field(default=0.99, ge=0.0, lt=1.0, description="RMSprop's smoothing of the squared gradient.")
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty added to the gradient.")
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, description="L2 penalty added to the gradient; adamw: decoupled decay of the weights."
+    )
+    clip_norm: Optional[float] = Field(default=None, gt=0.0, description="Clip gradients to this global L2 norm.")
 
 
 class TrainerConfig(_Group):
@@ -88,6 +121,7 @@ class TrainerConfig(_Group):
     max_time: Optional[float] = Field(default=None, gt=0, description="Seconds; stop cleanly after this long.")
     resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
     progress: bool = True
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
 
 
 class TrackingConfig(_Group):
@@ -141,6 +175,20 @@ class PredictConfig(_Group):
 PREDICTION_FORMATS = (".csv", ".json")
 
 
+class ExportConfig(_Group):
+    """task=export: which format, and where (default: beside the checkpoint, see cnnrun.export)."""
+
+    format: str = Field(default="onnx", description="onnx, torchscript, saved_model or keras.")
+    output: Optional[str] = Field(default=None, description="Where to write; default: beside the checkpoint.")
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from cnnrun.export import check_format_name
+
+        return check_format_name(value)
+
+
 class FrameworkConfig(BaseModel):
     """``name`` picks the backend; the other keys are that backend's options, checked by its own class."""
 
@@ -151,11 +199,11 @@ class FrameworkConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-TASKS = ("train", "summary", "eval", "validate", "predict")
+TASKS = ("train", "summary", "eval", "validate", "predict", "export")
 
 
 class RunConfig(_Group):
-    task: Literal["train", "summary", "eval", "validate", "predict"] = "train"
+    task: Literal["train", "summary", "eval", "validate", "predict", "export"] = "train"
     model: Dict[str, Any]
     framework: FrameworkConfig
     device: DeviceConfig
@@ -163,13 +211,16 @@ class RunConfig(_Group):
     optimizer: OptimizerConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
+    schedule: Dict[str, Any] = Field(default_factory=lambda: {"name": "constant"},
+                                     description="The learning-rate schedule; checked by cnnrun.schedules.")
     summary: SummaryConfig = SummaryConfig()
     sweep: SweepConfig = SweepConfig()
-    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate or predict with.")
+    checkpoint: Optional[str] = Field(default=None, description="A checkpoint to evaluate, predict with or export.")
     inputs: Optional[Union[str, List[str]]] = Field(
         default=None, description="task=predict: image files, folders (searched recursively) or glob patterns."
     )
     predict: PredictConfig = PredictConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def validate_run_config(data: Dict[str, Any], source: str = "the config") -> RunConfig:
@@ -205,6 +256,7 @@ __all__ = [
     "AugmentConfig",
     "DatasetConfig",
     "DeviceConfig",
+    "ExportConfig",
     "FrameworkConfig",
     "OptimizerConfig",
     "PredictConfig",

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from cnnrun.config import DatasetConfig, RunConfig, validate_run_config
 from cnnrun.errors import ConfigError, Problem
+from cnnrun.schedules import validate_schedule
 from cnnrun.spec import CompiledModel, compile_model
 
 
@@ -27,6 +28,8 @@ class RunContext:
     @classmethod
     def create(cls, raw: Dict[str, Any], output_dir: Path, sources: Dict[str, str], overrides: List[str]):
         """Validate everything (config groups, framework options, the model spec) before anything loads."""
+        from cnnrun import preflight
+
         problems: List[Problem] = []
         model_source = sources.get("model", "model")
         cfg = None
@@ -38,6 +41,10 @@ class RunContext:
             _check_framework(cfg, raw)
         except ConfigError as err:
             problems += err.problems
+        try:
+            validate_schedule(raw.get("schedule"))
+        except ConfigError as err:
+            problems += err.problems
         try:  # the spec too, so that one message lists every problem
             dataset = cfg.dataset if cfg else DatasetConfig.model_validate(raw.get("dataset"))
             compiled = compile_model(raw.get("model"), dataset.input_shape, dataset.num_classes, model_source)
@@ -45,6 +52,7 @@ class RunContext:
             problems += err.problems
         except ValidationError:
             compiled = None  # the dataset group is invalid: already reported above
+        problems += preflight.problems(raw)  # what the run itself needs: dataset, framework install, files, ...
         if problems:
             only_model = all(p.key.startswith("model.") for p in problems)
             header = model_source if only_model else "the config"
@@ -52,6 +60,11 @@ class RunContext:
             located = [Problem(p.key, p.message, "" if p.where == header else p.where) for p in located]
             raise ConfigError(located, header)
         return cls(cfg, raw, output_dir, model_source, overrides, compiled)
+
+    @property
+    def schedule(self):
+        """The ``schedule`` group as typed settings (validated in :meth:`create`)."""
+        return validate_schedule(self.cfg.schedule)
 
     @property
     def framework_options(self):
@@ -74,14 +87,13 @@ class RunContext:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs")
+HASH_IGNORED_GROUPS = ("tracking", "sweep", "summary", "predict", "inputs", "export")
 HASH_IGNORED_KEYS = (("trainer", "progress"), ("device", "threads"), ("device", "index"))
 
 
 def _check_framework(cfg, raw: Dict[str, Any]) -> None:
     """The framework and its options suit the task; from the raw config when the rest of it is invalid."""
     from cnnrun.backends import check_framework
-    from cnnrun.errors import UserError
 
     if cfg is not None:
         check_framework(cfg.task, cfg.framework.name, cfg.framework.options())
@@ -89,12 +101,7 @@ def _check_framework(cfg, raw: Dict[str, Any]) -> None:
     framework = raw.get("framework")
     if not isinstance(framework, dict) or not isinstance(framework.get("name"), str):
         return  # reported by the config's own validation
-    try:
-        check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
-    except ConfigError:
-        raise
-    except UserError:  # an unknown framework name: said once the rest of the config is valid
-        pass
+    check_framework(str(raw.get("task")), framework["name"], {k: v for k, v in framework.items() if k != "name"})
 
 
 def _locate(problem: Problem, sources: Dict[str, str], overrides: List[str]) -> Problem:

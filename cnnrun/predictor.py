@@ -73,19 +73,26 @@ def _onnx_runtime():
 def checkpoint_predictor(path: Path, framework: Optional[str] = None, options=None, device=None) -> RunnerPredictor:
     """The checkpoint's model built in ``framework`` (default: its own) with its weights; default options, cpu."""
     from cnnrun import checkpoint as ckpt_io
-    from cnnrun.backends import create_runner, validate_options
-    from cnnrun.config import DeviceConfig, OptimizerConfig
     from cnnrun.tasks.evaluate import load_model
 
     ckpt = ckpt_io.load(path)
     compiled = load_model(ckpt, path)
     name = framework or ckpt.origin.get("framework") or "torch"
-    options = options if options is not None else validate_options(name, {})
+    runner = checkpoint_runner(ckpt, compiled, name, options, device)
+    return RunnerPredictor(runner, list(ckpt.class_names), tuple(ckpt.input_shape), name)
+
+
+def checkpoint_runner(ckpt, compiled, framework: str, options=None, device=None):
+    """A ``framework`` runner holding the checkpoint's weights, for inference (and export); default options, cpu."""
+    from cnnrun.backends import create_runner, validate_options
+    from cnnrun.config import DeviceConfig, OptimizerConfig
+
+    options = options if options is not None else validate_options(framework, {})
     optimizer = OptimizerConfig(name="sgd", lr=0.01)  # unused: the runner only predicts
-    runner = create_runner(name, compiled, optimizer, options, device or DeviceConfig(name="cpu"), 0, ckpt.mean,
+    runner = create_runner(framework, compiled, optimizer, options, device or DeviceConfig(name="cpu"), 0, ckpt.mean,
                            ckpt.std)
     runner.set_weights(ckpt.weights)
-    return RunnerPredictor(runner, list(ckpt.class_names), tuple(ckpt.input_shape), name)
+    return runner
 
 
 def probabilities(predictor: Predictor, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def load_for_resume(ctx) -> Tuple[Path, ckpt_io.Checkpoint]:
     """Load the checkpoint ``trainer.resume`` names and check it can continue this run."""
     wanted = ctx.cfg.trainer.resume
     path = find_last(Path.cwd()) if wanted == LAST else Path(wanted)
-    ckpt = ckpt_io.load(path)
+    ckpt = ckpt_io.load_setting("trainer.resume", wanted, path)
     try:  # the stored spec is untrusted input: validate it exactly like a user's
         compile_model(ckpt.spec, tuple(ckpt.input_shape), len(ckpt.class_names), f"checkpoint {path}")
     except ConfigError as err:

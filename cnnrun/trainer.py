@@ -17,9 +17,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches
+from cnnrun.data.augment import augment_batch, mix_batch, mixes
+from cnnrun.data.pipeline import epoch_order, iterate_batches
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
+from cnnrun.schedules import LearningRate
 
 
 class Diverged(UserError):
@@ -35,6 +37,7 @@ class EpochRow:
     val_acc: float
     seconds: float
     images_per_s: float
+    lr: Optional[float] = None  # the learning rate of the epoch's last step, when a schedule sets it
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     history: List[Dict] = field(default_factory=list)
+    schedule: Optional[Dict] = None  # what a learning-rate schedule remembers between epochs (plateau's state)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -108,6 +112,7 @@ class Trainer:
         logger,
         view,
         save_checkpoint: Callable[[str, TrainState], None],
+        learning_rate: Optional[LearningRate] = None,
     ):
         self.runner = runner
         self.dataset = dataset
@@ -115,9 +120,19 @@ class Trainer:
         self.logger = logger
         self.view = view
         self.save_checkpoint = save_checkpoint  # (kind: "last" | "best", state) → writes atomically
+        self.learning_rate = learning_rate  # None: the optimizer's constant rate, never touched
+        self._rate: Optional[float] = None  # the rate the runner has now (set only when it changes)
+
+    def _set_rate(self, epoch: int, step: int, steps: int, state: TrainState) -> None:
+        rate = self.learning_rate.at(epoch, step, steps, state.schedule)
+        if rate != self._rate:
+            self.runner.set_learning_rate(rate)
+            self._rate = rate
 
     def fit(self, state: Optional[TrainState] = None, augment=None) -> TrainState:
         state = state or TrainState()
+        if self.learning_rate is not None and state.schedule is None:
+            state.schedule = self.learning_rate.initial_state()
         with StopSignal(self.cfg.max_time) as stop:
             while state.epoch < self.cfg.epochs and not state.stopped_early:
                 row = self._train_epoch(state, stop, augment)
@@ -129,15 +144,24 @@ class Trainer:
         epoch = state.epoch
         steps = math.ceil(len(train) / cfg.batch_size)
         order = epoch_order(len(train), cfg.seed, epoch)
-        use_augment = augment is not None and (augment.random_crop_padding or augment.horizontal_flip)
+        use_augment = augment is not None and augment.any
+        use_mix = use_augment and mixes(augment)
         self.view.start_epoch(epoch, steps, state.batch)
         started = time.perf_counter()
         since_sync = 0
         for images, labels in iterate_batches(train, cfg.batch_size, order, start_batch=state.batch):
+            mix = None
             if use_augment:  # seeded per batch, so a run resumed mid-epoch augments exactly as it would have
                 rng = np.random.default_rng([cfg.seed, epoch, state.batch, 1])
                 images = augment_batch(images, augment, rng)
-            self.runner.train_step(images, labels)
+                if use_mix:
+                    images, mix = mix_batch(images, labels, augment, rng)
+            if self.learning_rate is not None:
+                self._set_rate(epoch, state.batch, steps, state)
+            if mix is None:
+                self.runner.train_step(images, labels)
+            else:
+                self.runner.train_step(images, labels, mix)
             state.batch += 1
             since_sync += 1
             if since_sync == cfg.log_every or state.batch == steps or stop.requested:
@@ -160,6 +184,7 @@ class Trainer:
             val_acc=val_acc,
             seconds=state.seconds,
             images_per_s=state.count / state.seconds if state.seconds else float("nan"),
+            lr=self._rate,
         )
         if stop.requested:  # interrupted on the epoch's last step: finish the epoch's bookkeeping first
             self._end_epoch(state, row)
@@ -183,17 +208,19 @@ class Trainer:
     def _end_epoch(self, state: TrainState, row: EpochRow) -> None:
         self.view.end_epoch(row)
         state.history.append(asdict(row))
-        self.logger.log_metrics(
-            {
-                "train_loss": row.train_loss,
-                "train_acc": row.train_acc,
-                "val_loss": row.val_loss,
-                "val_acc": row.val_acc,
-                "epoch_seconds": row.seconds,
-                "images_per_s": row.images_per_s,
-            },
-            step=row.epoch + 1,
-        )
+        metrics = {
+            "train_loss": row.train_loss,
+            "train_acc": row.train_acc,
+            "val_loss": row.val_loss,
+            "val_acc": row.val_acc,
+            "epoch_seconds": row.seconds,
+            "images_per_s": row.images_per_s,
+        }
+        if row.lr is not None:
+            metrics["lr"] = row.lr
+        self.logger.log_metrics(metrics, step=row.epoch + 1)
+        if self.learning_rate is not None:
+            state.schedule = self.learning_rate.end_epoch(state.schedule, row.val_loss)
         improved = row.val_loss < state.best_val_loss
         if improved:
             state.best_val_loss, state.best_epoch, state.bad_epochs = row.val_loss, row.epoch, 0

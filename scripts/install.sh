@@ -9,4 +9,4 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q 'pip>=25.3'
 .venv/bin/python -m pip install -q --build-constraint constraints/build.txt -r requirements.lock
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-echo "installed: $(.venv/bin/cnnrun --version 2>/dev/null || echo cnnrun) in .venv"
+echo "installed in .venv: $(.venv/bin/cnnrun --version 2>/dev/null | sed -n 1p || echo cnnrun)"

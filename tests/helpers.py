@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -28,6 +30,20 @@ def shipped_model(name: str, num_classes: int = 10) -> Dict:
 
 def shipped_models() -> List[str]:
     return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+@functools.lru_cache(maxsize=None)
+def torch_sees_a_gpu() -> bool:
+    """Whether PyTorch can use a CUDA GPU here, where ``device=auto`` would then train on it. Without NVIDIA
+    device files there is none, and torch is not even imported."""
+    if not glob.glob("/dev/nvidia[0-9]*") or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+GPU_SKIP_REASON = "a CUDA GPU is visible to PyTorch, so device=auto would not mean the CPU here"
 
 
 def run_cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, timeout: int = 600):

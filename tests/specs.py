@@ -1,6 +1,7 @@
 """Specs that exercise every padding and stride rule; shared by the backend and equivalence tests."""
 
-from typing import Dict
+import re
+from typing import Dict, Optional, Tuple
 
 STRESS_INPUT = (3, 27, 29)
 
@@ -56,3 +57,43 @@ def without_dropout(spec: Dict) -> Dict:
         return out
 
     return {**spec, "layers": strip(spec["layers"])}
+
+
+def first_empty_layer(spec: Dict, input_shape) -> Optional[Tuple[int, str]]:
+    """(index, type) of the first top-level conv/pool layer whose output a textbook size rule makes empty, or None.
+
+    An oracle independent of the compiler for grids of plain layers (every window layer states its stride):
+    'valid' floor((n - k) / s) + 1, 'same' ceil(n / s), int p floor((n + 2p - k) / s) + 1, nothing when the
+    window is larger than the padded input.
+    """
+    sizes = list(input_shape[1:])
+    for index, layer in enumerate(spec["layers"]):
+        if layer["type"] not in ("conv2d", "maxpool", "avgpool"):
+            continue
+        kernel, stride, padding = layer.get("kernel", layer.get("size")), layer["stride"], layer.get("padding")
+        for axis, n in enumerate(sizes):
+            if padding == "same":
+                sizes[axis] = -(-n // stride)
+            else:
+                pad = 0 if padding in (None, "valid") else padding
+                sizes[axis] = (n + 2 * pad - kernel) // stride + 1 if n + 2 * pad >= kernel else 0
+        if min(sizes) <= 0:
+            return index, layer["type"]
+    return None
+
+
+def refused(spec: Dict, input_shape) -> bool:
+    """Whether the oracle above says ``spec`` has an empty output; if so, assert that the compiler refuses it,
+    naming that layer, so a grid test checks the refusal instead of skipping the case."""
+    import pytest
+
+    from cnnrun.errors import ConfigError
+    from cnnrun.spec import compile_model
+
+    empty = first_empty_layer(spec, input_shape)
+    if empty is None:
+        return False
+    index, kind = empty
+    with pytest.raises(ConfigError, match=re.escape(f"model.layers[{index}]: ({kind}) output would be")):
+        compile_model(spec, input_shape, 10)
+    return True

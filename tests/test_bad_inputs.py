@@ -1,14 +1,18 @@
 """The bad-input matrix: each mistake goes through the real CLI and must end with a non-zero exit, a message that
-names the key or file and what is allowed, no traceback, and no MLflow run left RUNNING."""
+names the key or file and what is allowed, exit code 2 (a user error), no traceback, and no MLflow run started.
+Then the mistakes that show only once training is under way: exit 2, the run FAILED (never left RUNNING), and no
+half-written checkpoint."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
-from tests.helpers import mlflow_runs, run_cli, shipped_model
+from tests.helpers import mlflow_runs, run_cli, shipped_model, torch_sees_a_gpu
 
 MY_MODEL = "name: mine\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 10}\n"
 FILES = {
@@ -59,19 +63,41 @@ CASES = [
     ("trainer-batch-zero", ["trainer.batch_size=0"], ["trainer.batch_size"]),
     ("trainer-patience-zero", ["trainer.patience=0"], ["trainer.patience"]),
     ("optimizer-negative-lr", ["optimizer.lr=-1"], ["optimizer.lr"]),
-    ("optimizer-unknown", ["optimizer.name=adamw"], ["optimizer.name", "'adam'"]),
+    ("optimizer-unknown", ["optimizer.name=adamx"], ["optimizer.name", "'adamw'"]),
     ("dataset-fraction", ["dataset.val_fraction=1.5"], ["dataset.val_fraction"]),
     ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
     ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
     ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),
-    ("hydra-key-not-in-config", ["trainer.epoch=3"], ["trainer.epoch"]),
+    ("hydra-key-not-in-config", ["trainer.epoch=3"],
+     ["cnnrun: trainer.epoch=3: trainer has no key 'epoch' (did you mean 'epochs'?); its keys: epochs, batch_size"]),
+    ("nested-key-added", ["+trainer.epoch=3"],
+     ["trainer.epoch: unknown key 'epoch' (did you mean 'epochs'?); allowed keys: epochs, batch_size"]),
+    ("layer-key-not-in-config", ["model.layers.0.filter=3"],
+     ["model.layers.0.filter=3: model.layers[0] has no key 'filter' (did you mean 'filters'?)"]),
     # unknown names
-    ("framework-group-unknown", ["framework=jax"], ["framework/jax", "torch", "chainer"]),
-    ("framework-name-unknown", ["framework.name=pytorch"], ["framework=pytorch is unknown", "did you mean 'torch'"]),
-    ("device-group-unknown", ["device=tpu"], ["device/tpu", "cuda"]),
+    ("framework-group-unknown", ["framework=jax"], ["cnnrun: framework=jax: config group 'framework' has no choice",
+                                                    "'chainer', 'keras'", "'torch'"]),
+    ("framework-name-unknown", ["framework.name=pytorch"],
+     ["framework.name: unknown framework 'pytorch' (did you mean 'torch'?)"]),
+    ("device-group-unknown", ["device=tpu"], ["device=tpu", "device/tpu.yaml", "'auto', 'cpu' or 'cuda'"]),
     ("device-name-unknown", ["device.name=gpu"], ["device.name", "'cpu', 'cuda', 'cuda:N' or 'auto'"]),
     ("dataset-group-unknown", ["dataset=imagenet"], ["dataset/imagenet", "mnist_5k"]),
-    ("model-group-unknown", ["model=nope"], ["model/nope", "classic_cnn"]),
+    ("model-group-unknown", ["model=nope"], ["model=nope", "model/nope", "'classic_cnn'", "'resnet_lite'"]),
+    ("hydra-group-unknown", ["hydra/launcher=nope"], ["hydra/launcher=nope", "'basic' or 'joblib'"]),
+    ("dataset-name-unknown", ["dataset.name=mnsit"], ["dataset.name: unknown dataset 'mnsit' (did you mean 'mnist'?)"]),
+    ("sweep-objective-unknown", ["sweep.objective=val_accuracy"], ["sweep.objective", "did you mean 'val_acc'"]),
+    ("tracking-uri-scheme", ["tracking.uri=htp://127.0.0.1:5000"], ["tracking.uri: unknown scheme 'htp'"]),
+    ("tracking-uri-sqlite-slashes", ["tracking.uri=sqlite://mlflow.db"], ["tracking.uri", "three slashes"]),
+    # task=validate checks what a run would, and reports every problem with the schema's in one message
+    ("validate-dataset-unknown", ["task=validate", "dataset.name=mnsit"], ["dataset.name", "did you mean 'mnist'"]),
+    ("validate-every-problem", ["task=validate", "model.layers.0.padding=smae", "framework.name=tensorflw",
+                                "trainer.epochs=abc", "dataset.name=mnsit", "trainer.resume={dir}/missing.safetensors",
+                                "sweep.objective=val_accc", "tracking.uri=htp://x"],
+     ["the config has 7 problems", "model.layers[0].padding", "framework.name: unknown framework 'tensorflw'",
+      "trainer.epochs", "dataset.name", "trainer.resume: ", "sweep.objective", "tracking.uri"]),
+    ("validate-folder-without-root", ["task=validate", "dataset=folder"], ["dataset.root: required"]),
+    ("validate-missing-checkpoint", ["task=validate", "checkpoint={dir}/missing.safetensors"],
+     ["checkpoint: ", "missing.safetensors does not exist"]),
     # the environment
     ("cuda-without-gpu", ["device=cuda"], ["device=cuda", "no usable CUDA GPU"]),
     ("dataset-missing-offline", ["dataset=mnist", "dataset.download=false", "dataset.root={dir}/empty"],
@@ -81,14 +107,20 @@ CASES = [
     ("tracking-unreachable", ["tracking.uri=http://127.0.0.1:9"], ["tracking.uri=http://127.0.0.1:9 cannot be used"]),
     # checkpoints
     ("eval-without-checkpoint", ["task=eval"], ["checkpoint"]),
-    ("eval-missing-checkpoint", ["task=eval", "checkpoint={dir}/missing.safetensors"], ["does not exist"]),
-    ("eval-garbage-checkpoint", ["task=eval", "checkpoint={dir}/garbage.safetensors"], ["not a cnnrun checkpoint"]),
-    ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["does not exist"]),
-    ("resume-last-nothing", ["trainer.resume=last"], ["trainer.resume=last: no checkpoints/last.safetensors"]),
+    ("eval-missing-checkpoint", ["task=eval", "checkpoint={dir}/missing.safetensors"],
+     ["checkpoint: ", "missing.safetensors does not exist"]),
+    ("eval-garbage-checkpoint", ["task=eval", "checkpoint={dir}/garbage.safetensors"],
+     ["checkpoint=", "not a cnnrun checkpoint"]),
+    ("resume-missing", ["trainer.resume={dir}/missing.safetensors"], ["trainer.resume: ", "does not exist"]),
+    ("resume-garbage", ["trainer.resume={dir}/garbage.safetensors"], ["trainer.resume=", "not a cnnrun checkpoint"]),
+    ("resume-last-nothing", ["trainer.resume=last"],
+     ["trainer.resume: no checkpoints/last.safetensors", "trainer.resume=last"]),
     ("resume-other-model", ["trainer.resume={dir}/resnet_last.safetensors"],
      ["was trained with a different model", "model.layers[0]"]),
     ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),
 ]
+# Mistakes only where PyTorch sees no GPU.
+NEEDS_NO_GPU = {"cuda-without-gpu"}
 
 
 def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:
@@ -97,7 +129,7 @@ def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:
         weights=initial_weights(model, 0), spec=model.spec, input_shape=model.input_shape,
         class_names=tuple(str(d) for d in range(10)), mean=(33.5,), std=(78.7,),
         origin={"framework": "torch"}, progress={"epoch": 1, "batch": 0} if with_state else {},
-        training_state={"rng/torch_cpu": __import__("numpy").zeros(4, "uint8")} if with_state else {},
+        training_state={"rng/torch_cpu": np.zeros(4, "uint8")} if with_state else {},
     ))
 
 
@@ -120,14 +152,97 @@ def test_the_matrix_is_large_enough():
 
 @pytest.mark.parametrize("case_id,args,fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(stage, case_id, args, fragments, tmp_path):
+    if case_id in NEEDS_NO_GPU and torch_sees_a_gpu():
+        pytest.skip("a CUDA GPU is visible to PyTorch here, so device=cuda is no mistake")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [a.replace("{dir}", str(stage)) for a in args]
     result = run_cli(["--config-dir", str(stage / "my_configs"), f"tracking.uri={uri}", "trainer.progress=false",
                       *args], tmp_path, env={"CNNRUN_DATA_DIR": str(tmp_path / "data"),
                                              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-    assert result.returncode != 0, f"{case_id} was accepted:\n{result.stdout[-2000:]}"
+    output = f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert result.returncode == 2, f"{case_id}: exit code {result.returncode}, not 2 (a user error):\n{output}"
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-4000:]
     for fragment in fragments:
         assert fragment in result.stderr, f"{case_id}: {fragment!r} not in:\n{result.stderr[-3000:]}"
     _, runs = mlflow_runs(uri)
-    assert all(run.info.status != "RUNNING" for run in runs)
+    assert runs == []  # refused before a run was opened
+
+
+# --------------------------------------------------------------------------------------------------- after start
+
+TINY_RUN = ["model.layers.0.filters=4", "model.layers.2.filters=4", "model.layers.5.units=16", "device=cpu",
+            "dataset.val_fraction=0.3", "dataset.test_fraction=0.6", "trainer.progress=false",
+            "tracking.log_model=false"]
+
+
+def _failed_after_start(result, uri, *fragments):
+    """Exit 2, no traceback, the fragments in stderr, and the one MLflow run FAILED with the error recorded."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-4000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr[-3000:]}"
+    _, runs = mlflow_runs(uri)
+    assert [run.info.status for run in runs] == ["FAILED"]
+    return runs[0]
+
+
+def _no_partial_checkpoints(root: Path) -> None:
+    assert not list(root.rglob("*.tmp")), list(root.rglob("*.tmp"))
+    for path in root.rglob("*.safetensors"):
+        ckpt_io.load(path)  # complete and verified by its checksum
+
+
+def test_checkpoint_folder_that_cannot_be_created_fails_the_run(tmp_path):
+    """A file stands where the run's checkpoints/ folder goes (chmod would not stop root, who runs CI)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("in the way")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(TINY_RUN + ["trainer.epochs=1", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    run = _failed_after_start(result, uri, f"cannot write checkpoint {run_dir / 'checkpoints'}")
+    assert "cannot write checkpoint" in run.data.tags["cnnrun.error"]
+    assert (run_dir / "checkpoints").read_text() == "in the way"
+    _no_partial_checkpoints(run_dir)
+
+
+def test_divergence_in_epoch_2_fails_the_run_and_keeps_epoch_1s_checkpoint(tmp_path):
+    """Epoch 1 trains normally; the run continues into epoch 2 with a learning rate that blows it up."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = TINY_RUN + ["optimizer=sgd", f"tracking.uri={uri}"]
+    result = run_cli(args + ["trainer.epochs=1", f"hydra.run.dir={first}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_1 = ckpt_io.load(first / "checkpoints" / "best.safetensors")
+    result = run_cli(args + ["trainer.epochs=2", "optimizer.lr=1e12", "trainer.log_every=1",
+                             f"trainer.resume={first / 'checkpoints' / 'last.safetensors'}",
+                             f"hydra.run.dir={second}"], tmp_path)
+    _failed_after_start(result, uri, "training diverged", "in epoch 2", "optimizer.lr")
+    assert not (second / "checkpoints" / "last.safetensors").exists()  # nothing of the diverged epoch is saved
+    kept = ckpt_io.load(second / "checkpoints" / "best.safetensors")
+    assert kept.progress["epoch"] == 1 and kept.progress["best_epoch"] == 0
+    for name, value in epoch_1.weights.items():
+        np.testing.assert_array_equal(kept.weights[name], value, err_msg=name)
+    _no_partial_checkpoints(tmp_path)
+
+
+def test_unreadable_image_is_refused_before_any_run(tmp_path):
+    """dataset=folder decodes every image before the run opens, so a corrupt file costs no run at all."""
+    root = tmp_path / "images"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "two.yaml").write_text(
+        "name: two\nlayers:\n  - {type: flatten}\n  - {type: dense, units: 2}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(["--config-dir", str(tmp_path / "conf"), "model=two", "dataset=folder", f"dataset.root={root}",
+                      "dataset.image_size=[8,8]", "dataset.channels=1", "dataset.num_classes=2",
+                      "trainer.progress=false", f"tracking.uri={uri}"], tmp_path,
+                     env={"CNNRUN_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{root / 'b' / '3.png'}" in result.stderr and "Traceback" not in result.stderr
+    _, runs = mlflow_runs(uri)
+    assert runs == []
+

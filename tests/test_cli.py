@@ -67,7 +67,7 @@ def test_bad_user_model_names_its_file_and_key(tmp_path):
 @pytest.mark.parametrize(
     "overrides,fragments",
     [
-        (["framework.name=pytorch"], ["framework=pytorch is unknown", "did you mean 'torch'"]),
+        (["framework.name=pytorch"], ["framework.name: unknown framework 'pytorch'", "did you mean 'torch'"]),
         (["device.name=gpu"], ["device.name", "expected 'cpu', 'cuda', 'cuda:N' or 'auto'"]),
         (["trainer.epochs=abc"], ["trainer.epochs: expected an integer; received 'abc'"]),
         (["trainer.batch_size=0"], ["trainer.batch_size"]),
@@ -131,3 +131,85 @@ def test_problems_from_several_groups_are_reported_together(workdir):
     result = run_cli(["task=validate", "trainer.epochs=abc", "optimizer.lr=-1", "model.layers.0.padding=smae"], workdir)
     assert_user_error(result, "the config has 3 problems", "[command line: trainer.epochs=abc]",
                       "optimizer.lr", "model.layers[0].padding")
+
+
+def test_unknown_key_names_the_group_its_keys_and_the_close_match_in_one_line(workdir):
+    result = run_cli(["task=validate", "trainer.epoch=3"], workdir)
+    assert_user_error(result, "trainer.epoch=3: trainer has no key 'epoch' (did you mean 'epochs'?)",
+                      "its keys: epochs, batch_size")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "full_key" not in result.stderr and "object_type" not in result.stderr
+
+
+def test_added_key_lists_its_own_groups_keys_not_the_roots(workdir):
+    result = run_cli(["task=validate", "+trainer.epoch=3"], workdir)
+    assert_user_error(result, "trainer.epoch: unknown key 'epoch' (did you mean 'epochs'?)", "allowed keys: epochs")
+    assert "task, model" not in result.stderr
+
+
+@pytest.mark.parametrize("override,choices", [("model=nope", "'classic_cnn' or 'resnet_lite'"),
+                                              ("hydra/launcher=nope", "'basic' or 'joblib'")])
+def test_unknown_group_choice_is_one_line_without_the_search_path(workdir, override, choices):
+    result = run_cli(["task=validate", override], workdir)
+    assert_user_error(result, f"cnnrun: {override}: config group", choices)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "search path" not in result.stderr
+
+
+def test_help_is_cnnruns_own(workdir):
+    result = run_cli(["--help"], workdir)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("cnnrun: train a CNN"), text[:300]
+    assert "powered by Hydra" not in text
+    sections = [text.index(s) for s in ("== Tasks", "task=eval checkpoint=", "== Examples", "== Config groups",
+                                        "model: classic_cnn, resnet_lite", "--multirun")]
+    assert sections == sorted(sections), text
+    assert "--version : Show cnnrun's version" in text
+
+
+def test_version_is_cnnruns_with_its_stack(workdir):
+    import cnnrun
+
+    result = run_cli(["--version"], workdir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"cnnrun {cnnrun.__version__}"
+    assert "hydra-core 1." in result.stdout and "pydantic " in result.stdout and "torch" in result.stdout
+    assert not result.stdout.startswith("Hydra")
+
+
+def test_version_lists_every_backends_framework():
+    from cnnrun.backends import BACKENDS
+    from cnnrun.version import FRAMEWORK_PACKAGES
+
+    assert list(FRAMEWORK_PACKAGES) == [info.package for info in BACKENDS.values()]
+
+
+@pytest.mark.parametrize("how", ["override", "config file"])
+def test_a_multirun_mode_set_in_the_config_is_still_honoured(tmp_path, how):
+    """Hydra composes the config only once; a hydra.mode from an override or a user's file still counts."""
+    args = ["task=summary", "summary.format=json"]
+    if how == "override":
+        args.append("hydra.mode=MULTIRUN")
+    else:
+        (tmp_path / "my_configs" / "runmode").mkdir(parents=True)
+        sweep_mode = "# @package _global_\nhydra:\n  mode: MULTIRUN\n"
+        (tmp_path / "my_configs" / "runmode" / "sweep.yaml").write_text(sweep_mode)
+        args = ["--config-dir", str(tmp_path / "my_configs"), "+runmode=sweep", *args]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "multirun").is_dir() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_progress_in_a_log_file_is_plain_lines_and_never_blank(workdir):
+    """stderr to a pipe (a CI log, a batch job's file): periodic progress lines and epoch lines, no empty lines."""
+    from tests.tiny import TINY
+
+    result = run_cli([*TINY, "trainer.progress=true", "trainer.log_every=1", "tracking.enabled=false"], workdir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [n for n, line in enumerate(lines) if not line.strip()] == [], result.stderr
+    assert any(line.startswith("epoch 1/1  step 1/") for line in lines), result.stderr
+    assert any(line.startswith("epoch 1/1  train loss ") for line in lines), result.stderr

@@ -32,8 +32,8 @@ print("LOADED", json.dumps(sorted(m for m in {packages} if m in sys.modules)))
 """
 
 
-def loaded_after(args, cwd):
-    code = SNIPPET.replace("{packages}", repr(FRAMEWORK_PACKAGES))
+def loaded_after(args, cwd, packages=FRAMEWORK_PACKAGES):
+    code = SNIPPET.replace("{packages}", repr(set(packages)))
     result = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=cwd, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,6 +43,12 @@ def loaded_after(args, cwd):
 
 def test_summary_imports_no_framework(tmp_path):
     assert loaded_after(["task=summary", "model=resnet_lite"], tmp_path) == set()
+
+
+def test_start_up_imports_only_what_the_command_uses(tmp_path):
+    """Start-up time (benchmarks/bench_startup.py): --version needs no Hydra, a summary no NumPy or MLflow."""
+    assert loaded_after(["--version"], tmp_path, {"hydra", "omegaconf", "pydantic", "numpy"}) == set()
+    assert loaded_after(["task=summary"], tmp_path, {"numpy", "mlflow", "PIL", "matplotlib", "safetensors"}) == set()
 
 
 @pytest.mark.slow

@@ -11,15 +11,17 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Optional, Protocol, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Protocol, Tuple, Type
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
 from cnnrun.spec.validation import problems_from
 
-Weights = Dict[str, np.ndarray]
+if TYPE_CHECKING:  # NumPy only types this table's protocol: checking options (task=summary) does not import it
+    import numpy as np
+
+Weights = Dict[str, "np.ndarray"]
 
 
 class Runner(Protocol):
@@ -27,8 +29,18 @@ class Runner(Protocol):
 
     device_name: str  # what it really runs on, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed."""
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        """One optimizer step. Must not wait for the device: metrics accumulate where they are computed.
+
+        ``mix`` (a :class:`cnnrun.data.augment.Mix`, for mixup/cutmix batches): the loss is
+        λ·CE(labels) + (1 − λ)·CE(mix.partner_labels); accuracy still counts against ``labels``.
+        """
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The rate for the next steps (a schedule's value; see :mod:`cnnrun.schedules`)."""
+
+    def learning_rate(self) -> float:
+        """The rate the framework's optimizer holds now, read back from it."""
 
     def train_metrics(self) -> Tuple[float, float, int]:
         """(mean loss, accuracy, samples) since the last call; the one place a training sync happens."""
@@ -118,13 +130,19 @@ def check_framework(task: str, name: str, options: Dict[str, Any]) -> None:
 def backend_info(name: str) -> BackendInfo:
     info = BACKENDS.get(name)
     if info is None:
-        raise UserError(f"framework={name} is unknown{did_you_mean(name, BACKENDS)}; available: {one_of(BACKENDS)}")
+        raise UserError(f"framework.name: {_unknown(name)}")
     return info
+
+
+def _unknown(name: str) -> str:
+    return f"unknown framework '{name}'{did_you_mean(name, BACKENDS)}; available: {one_of(BACKENDS)}"
 
 
 def validate_options(name: str, options: Dict[str, Any]) -> _Options:
     """Check ``framework.*`` keys against the backend's options class, without importing the framework."""
-    info = backend_info(name)
+    info = BACKENDS.get(name)
+    if info is None:
+        raise ConfigError([Problem("framework.name", _unknown(name))], f"framework={name}")
     try:
         return info.options.model_validate(options)
     except ValidationError as err:
@@ -139,15 +157,19 @@ def load_backend(name: str):
     except ModuleNotFoundError as err:
         if err.name is None or err.name.split(".")[0] != info.package:
             raise
-        raise UserError(
-            f"framework={name} needs the {info.package} package, which is not installed; "
-            "install the project's locked environment (README, command 1)"
-        ) from None
+        raise UserError(not_installed(name, info.package)) from None
 
 
-def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std) -> Runner:
+def not_installed(name: str, package: str) -> str:
+    return (f"framework={name} needs the {package} package, which is not installed; "
+            "install the project's locked environment (README, command 1)")
+
+
+def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std,
+                  label_smoothing: float = 0.0) -> Runner:
     """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use."""
-    return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std)
+    return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std,
+                                            label_smoothing=label_smoothing)
 
 
 def framework_version(name: str) -> str:

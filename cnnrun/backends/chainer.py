@@ -349,7 +349,8 @@ def resolve_device(device):
 class ChainerRunner:
     """The Runner protocol (see cnnrun.backends) for Chainer, on NumPy or CuPy arrays."""
 
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
+                 label_smoothing: float = 0.0):
         from cnnrun.spec.init import initial_weights
 
         global _CUPY_VERSION
@@ -368,6 +369,8 @@ class ChainerRunner:
         self.mean = self.xp.asarray(np.asarray(mean, np.float32).reshape(shape))
         self.inv_std = self.xp.asarray((1.0 / np.asarray(std, np.float32)).reshape(shape))
         self.optimizer = TorchLikeOptimizer(optimizer).setup(self.net)
+        self.clip_norm = optimizer.clip_norm
+        self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
         self._zero_metrics()
         if self.xp is np:
@@ -399,19 +402,30 @@ class ChainerRunner:
         x *= self.inv_std
         return x
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         x = self._inputs(images)
         t = self.xp.asarray(labels.astype(np.int32, copy=False))
         with self._config(train=True):
             logits = self.net(x)
-            loss = F.softmax_cross_entropy(logits, t)
+            loss = cross_entropy(logits, t, self.label_smoothing)
+            if mix is not None:
+                partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
+                loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
             loss.backward()
+            if self.clip_norm:
+                self.optimizer.clip_gradients(self.clip_norm)
             self.optimizer.update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
         self._correct += (logits.array.argmax(axis=1) == t).sum()
         self._count += len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.lr = lr
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.lr)
 
     def train_metrics(self) -> Tuple[float, float, int]:
         count = self._count
@@ -456,6 +470,16 @@ class ChainerRunner:
                 param.update_rule.import_state(slots, param)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std) -> ChainerRunner:
+def cross_entropy(logits, labels, label_smoothing: float):
+    """Mean softmax cross-entropy; with label smoothing ε, PyTorch's (1-ε)·(-log p_label) + ε·mean(-log p)."""
+    if not label_smoothing:
+        return F.softmax_cross_entropy(logits, labels)
+    log_p = F.log_softmax(logits)
+    nll = -F.select_item(log_p, labels)
+    uniform = -F.mean(log_p, axis=1)
+    return F.mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> ChainerRunner:
     """Build ``model`` in Chainer on ``device`` with cnnrun's initial weights and the torch-equivalent optimizer."""
-    return ChainerRunner(model, optimizer, options, device, seed, mean, std)
+    return ChainerRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)

@@ -1,4 +1,4 @@
-"""Adam and SGD for Chainer with PyTorch's update formulas, so every framework runs the same update.
+"""Adam, AdamW, SGD and RMSprop for Chainer with PyTorch's update formulas, so every framework runs the same update.
 
 Chainer's own optimizers differ in details that change the numbers: ``chainer.optimizers.Adam`` adds ``eps``
 to sqrt(v) *before* the bias correction (PyTorch adds it after: eps is effectively eps·sqrt(1 - beta2^t) in
@@ -10,12 +10,19 @@ Adam (L2 weight decay added to the gradient, as ``torch.optim.Adam(weight_decay=
     g += wd·p;  m = lerp(m, g, 1 - b1);  v = b2·v + (1 - b2)·g²
     p -= lr / (1 - b1^t) · m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
+AdamW: ``p *= 1 - lr·wd`` first (decoupled decay), then Adam's update without the L2 term.
+
 SGD::
 
     g += wd·p;  buf = m·buf + g;  g = g + m·buf if nesterov else buf;  p -= lr·g
 
+RMSprop (not centered; Chainer's own adds eps inside the root)::
+
+    g += wd·p;  s = a·s + (1 - a)·g²;  d = g / (sqrt(s) + eps);  buf = m·buf + d if momentum else d;  p -= lr·buf
+
 They work on NumPy and CuPy arrays alike (the same array code; in-place where possible to spare allocations).
-State slots carry PyTorch's names (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``).
+State slots carry PyTorch's names (``exp_avg``, ``exp_avg_sq``, ``square_avg``, ``step``, ``momentum_buffer``).
+The learning rate is read from the optimizer at every update, so a schedule can change it between steps.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ class _TorchRule(chainer.optimizer.UpdateRule):
 
     slots: tuple = ()
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, owner):
         super().__init__()
         self.cfg = cfg
+        self.owner = owner  # the optimizer, whose ``lr`` a schedule changes between steps
 
     def init_state(self, param) -> None:
         xp = param.device.xp
@@ -46,9 +54,12 @@ class _TorchRule(chainer.optimizer.UpdateRule):
                 self.state[slot] = xp.zeros_like(param.array)
 
     def _gradient(self, param):
-        """The gradient with L2 weight decay folded in (a new array only when there is decay)."""
+        """The gradient with L2 weight decay folded in (a new array only when there is decay); AdamW instead
+        decays the weights themselves (decoupled), as ``torch.optim.AdamW``, before its update."""
         grad = param.grad
-        if self.cfg.weight_decay:
+        if self.cfg.weight_decay and self.cfg.name == "adamw":
+            param.array *= 1.0 - self.owner.lr * self.cfg.weight_decay
+        elif self.cfg.weight_decay:
             grad = grad + self.cfg.weight_decay * param.array
         return grad
 
@@ -87,13 +98,13 @@ class TorchAdamRule(_TorchRule):
         denom /= math.sqrt(1.0 - cfg.beta2**t)
         denom += cfg.eps
         step = m / denom
-        step *= cfg.lr / (1.0 - cfg.beta1**t)
+        step *= self.owner.lr / (1.0 - cfg.beta1**t)
         param.array -= step
 
 
 class TorchSGDRule(_TorchRule):
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, owner):
+        super().__init__(cfg, owner)
         self.slots = ("momentum_buffer",) if cfg.momentum else ()
 
     def update_core(self, param) -> None:
@@ -106,7 +117,32 @@ class TorchSGDRule(_TorchRule):
             buf *= cfg.momentum
             buf += grad  # the first step gives buf = g, as torch's clone(g)
             grad = grad + cfg.momentum * buf if cfg.nesterov else buf
-        param.array -= cfg.lr * grad
+        param.array -= self.owner.lr * grad
+
+
+class TorchRMSpropRule(_TorchRule):
+    def __init__(self, cfg, owner):
+        super().__init__(cfg, owner)
+        self.slots = ("square_avg", "momentum_buffer") if cfg.momentum else ("square_avg",)
+
+    def update_core(self, param) -> None:
+        if param.grad is None:
+            return
+        cfg = self.cfg
+        grad = self._gradient(param)
+        square_avg = self.state["square_avg"]
+        square_avg *= cfg.alpha
+        square_avg += (1.0 - cfg.alpha) * (grad * grad)
+        direction = grad / (param.device.xp.sqrt(square_avg) + cfg.eps)
+        if cfg.momentum:
+            buf = self.state["momentum_buffer"]
+            buf *= cfg.momentum
+            buf += direction
+            direction = buf
+        param.array -= self.owner.lr * direction
+
+
+RULES = {"adam": TorchAdamRule, "adamw": TorchAdamRule, "sgd": TorchSGDRule, "rmsprop": TorchRMSpropRule}
 
 
 class TorchLikeOptimizer(chainer.optimizer.GradientMethod):
@@ -115,9 +151,22 @@ class TorchLikeOptimizer(chainer.optimizer.GradientMethod):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.lr = cfg.lr
 
     def create_update_rule(self) -> _TorchRule:
-        return TorchAdamRule(self.cfg) if self.cfg.name == "adam" else TorchSGDRule(self.cfg)
+        return RULES[self.cfg.name](self.cfg, self)
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """PyTorch's ``clip_grad_norm_``: scale every gradient by min(1, max_norm / (global norm + 1e-6))."""
+        grads = [param.grad for _, param in self.target.namedparams() if param.grad is not None]
+        if not grads:
+            return
+        xp = chainer.backend.get_array_module(grads[0])
+        norm = float(xp.sqrt(sum(xp.sum(g.astype(np.float64) ** 2) for g in grads)))
+        scale = min(1.0, max_norm / (norm + 1e-6))
+        if scale < 1.0:
+            for grad in grads:
+                grad *= grad.dtype.type(scale)
 
 
 def _to_numpy(array) -> np.ndarray:

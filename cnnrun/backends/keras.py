@@ -87,10 +87,22 @@ def _real_cell_counts(n: int, kernel: int, stride: int, before: int, out: int) -
 
 @functools.lru_cache(maxsize=None)
 def custom_layers() -> SimpleNamespace:
-    """The few layers Keras lacks, defined once Keras is imported (their base classes come from it)."""
+    """The few layers and activations Keras lacks, defined once Keras is imported (their base classes come from
+    it). Each is registered under the package "cnnrun" and has a config, so a model using them saves as a
+    ``.keras`` file (``task=export export.format=keras``) and loads back where cnnrun is installed."""
     keras = _keras()
     ops = keras.ops
+    register = keras.saving.register_keras_serializable(package="cnnrun")
 
+    @register
+    def elu(x):
+        return keras.activations.elu(x, alpha=ELU_ALPHA)
+
+    @register
+    def leaky_relu(x):
+        return keras.activations.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
+
+    @register
     class ConstantPadding2D(keras.layers.Layer):
         """Pads H and W by ((top, bottom), (left, right)) with a constant (-inf for max pooling)."""
 
@@ -100,6 +112,9 @@ def custom_layers() -> SimpleNamespace:
             self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
             self.value = value
 
+        def get_config(self):
+            return {**super().get_config(), "pads": self.paddings[1:3], "value": self.value}
+
         def call(self, x):
             return ops.pad(x, self.paddings, constant_values=self.value)
 
@@ -108,12 +123,13 @@ def custom_layers() -> SimpleNamespace:
             (_, rows, cols, _) = self.paddings
             return (n, None if h is None else h + sum(rows), None if w is None else w + sum(cols), c)
 
+    @register
     class RealCellAveragePooling2D(keras.layers.Layer):
         """Average pooling over zero-padded windows, rescaled so each output averages its real cells only."""
 
         def __init__(self, size, strides, pads, in_hw, **kwargs):
             super().__init__(**kwargs)
-            self.size, self.strides = tuple(size), tuple(strides)
+            self.size, self.strides, self.in_hw = tuple(size), tuple(strides), tuple(in_hw)
             (top, bottom), (left, right) = pads
             self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
             out = [(n + sum(p) - k) // s + 1 for n, p, k, s in zip(in_hw, pads, self.size, self.strides)]
@@ -122,6 +138,10 @@ def custom_layers() -> SimpleNamespace:
             scale = (self.size[0] * self.size[1]) / np.outer(rows, cols)
             self.scale = scale.reshape(1, out[0], out[1], 1).astype(np.float32)  # a constant, not a weight
 
+        def get_config(self):
+            return {**super().get_config(), "size": self.size, "strides": self.strides, "pads": self.paddings[1:3],
+                    "in_hw": self.in_hw}
+
         def call(self, x):
             pooled = ops.average_pool(ops.pad(x, self.paddings), self.size, self.strides, padding="valid")
             return pooled * ops.convert_to_tensor(self.scale)
@@ -129,6 +149,7 @@ def custom_layers() -> SimpleNamespace:
         def compute_output_shape(self, shape):
             return (shape[0], self.scale.shape[1], self.scale.shape[2], shape[3])
 
+    @register
     class BatchNormalization(keras.layers.BatchNormalization):
         """Keras's batchnorm layer (same weights and count), computed as ``(x - mean)·γ/√(var + ε) + β``.
 
@@ -152,12 +173,16 @@ def custom_layers() -> SimpleNamespace:
             scale = self.gamma * ops.rsqrt(variance + self.epsilon)
             return ops.cast((x - mean) * scale + self.beta, self.compute_dtype)
 
+    @register
     class TakeFeatures(keras.layers.Layer):
         """Reorders features (puts a flattened H·W·C vector that reaches the output in C·H·W order)."""
 
         def __init__(self, perm, **kwargs):
             super().__init__(**kwargs)
             self.perm = np.asarray(perm, np.int32)
+
+        def get_config(self):
+            return {**super().get_config(), "perm": self.perm.tolist()}
 
         def call(self, x):
             return ops.take(x, ops.convert_to_tensor(self.perm), axis=1)
@@ -167,19 +192,21 @@ def custom_layers() -> SimpleNamespace:
         RealCellAveragePooling2D=RealCellAveragePooling2D,
         BatchNormalization=BatchNormalization,
         TakeFeatures=TakeFeatures,
+        elu=elu,
+        leaky_relu=leaky_relu,
     )
 
 
 def activation_fn(name: str) -> Optional[Callable]:
     """cnnrun's activation names → Keras activations with cnnrun's constants (None for linear)."""
-    acts = _keras().activations
+    acts, custom = _keras().activations, custom_layers()
     return {
         "linear": None,
         "relu": acts.relu,
         "tanh": acts.tanh,
         "sigmoid": acts.sigmoid,
-        "elu": lambda x: acts.elu(x, alpha=ELU_ALPHA),
-        "leaky_relu": lambda x: acts.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE),
+        "elu": custom.elu,
+        "leaky_relu": custom.leaky_relu,
     }[name]
 
 
@@ -377,10 +404,11 @@ class KerasTensorFlowNetwork:
         return self.keras_model(x, training=training)
 
 
-def _tensorflow_runner(model, optimizer, options, device, seed, mean, std):
+def _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing):
     from cnnrun.backends.tensorflow import TensorFlowRunner
 
-    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork)
+    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork,
+                              label_smoothing=label_smoothing)
     runner.keras_model = runner.net.keras_model
     return runner
 
@@ -391,10 +419,11 @@ def _tensorflow_runner(model, optimizer, options, device, seed, mean, std):
 class KerasTorchRunner:
     """The Runner protocol for a Keras model on Keras's torch backend: eager calls, autograd, ``torch.optim``."""
 
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
+                 label_smoothing: float = 0.0):
         import torch
 
-        from cnnrun.backends.torch import resolve_device, set_tf32
+        from cnnrun.backends.torch import make_optimizer, resolve_device, set_tf32
         from cnnrun.spec.init import initial_weights
 
         if options.jit_compile:
@@ -421,7 +450,9 @@ class KerasTorchRunner:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
         self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
         self.params = [self.tensors[name].value for name in self.trainable_names]
-        self.optimizer = _torch_optimizer(torch, self.params, optimizer)
+        self.optimizer = make_optimizer(self.params, optimizer, fused=True)
+        self.clip_norm = optimizer.clip_norm
+        self.label_smoothing = label_smoothing
         self._zero_metrics()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
@@ -435,20 +466,30 @@ class KerasTorchRunner:
         x = self.torch.from_numpy(images).to(self.device, non_blocking=True).float()
         return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
-        import torch.nn.functional as F
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        from cnnrun.backends.torch import clip_gradients, cross_entropy
 
         y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
         with self.keras.device(self.scope):
             logits = self.keras_model(self._inputs(images), training=True)
-        loss = F.cross_entropy(logits, y)
+        loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_norm:
+            clip_gradients(self.optimizer, self.clip_norm)
         self.optimizer.step()
         with self.torch.no_grad():
             self._loss_sum += loss.detach() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
         self._count += len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        from cnnrun.backends.torch import set_torch_learning_rate
+
+        set_torch_learning_rate(self.optimizer, lr)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train_metrics(self) -> Tuple[float, float, int]:
         count = self._count
@@ -505,23 +546,12 @@ class KerasTorchRunner:
                 }
 
 
-def _torch_optimizer(torch, params, cfg):
-    """The same torch.optim update as framework=torch (fused kernels)."""
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True
-        )
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True
-    )
-
-
 # --------------------------------------------------------------------------------------------------- entry
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std):
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0):
     """A Keras runner on ``options.backend``; importing Keras here (not at module import) honours that choice."""
     import_keras(options.backend)
     if options.backend == "tensorflow":
-        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std)
-    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std)
+        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)

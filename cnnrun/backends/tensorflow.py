@@ -364,8 +364,26 @@ class Network:
 # --------------------------------------------------------------------------------------------------- optimizers
 
 
-class Adam:
-    """PyTorch's Adam (L2 ``weight_decay`` added to the gradient; ``eps`` added to the bias-corrected √v).
+class _Optimizer:
+    """Shared parts: the learning rate as a variable (a schedule assigns it between steps without a retrace),
+    an optional step counter, and one dict of PyTorch-named slot variables per trainable variable."""
+
+    SLOTS: tuple = ()
+
+    def __init__(self, cfg, variables: List[tf.Variable], counts_steps: bool):
+        self.cfg = cfg
+        self.lr = tf.Variable(cfg.lr, trainable=False, dtype=tf.float32, name="learning_rate")
+        self.step = tf.Variable(0.0, trainable=False, name="step") if counts_steps else None
+        self.slots = [{s: tf.Variable(tf.zeros_like(v), trainable=False) for s in self.SLOTS} for v in variables]
+
+    def l2(self, grad: tf.Tensor, var: tf.Variable) -> tf.Tensor:
+        """The gradient with L2 weight decay added (PyTorch's ``weight_decay`` for Adam, SGD and RMSprop)."""
+        return grad + self.cfg.weight_decay * var if self.cfg.weight_decay else grad
+
+
+class Adam(_Optimizer):
+    """PyTorch's Adam (L2 ``weight_decay`` added to the gradient; ``eps`` added to the bias-corrected √v), and
+    AdamW (``decoupled``: ``p ← p·(1 - lr·weight_decay)`` before the same update, as ``torch.optim.AdamW``).
 
     TensorFlow's fused ``ResourceApplyAdam`` kernel computes ``lr·√(1-β₂ᵗ)/(1-β₁ᵗ) · m / (√v + ε')``; with
     ``ε' = eps·√(1-β₂ᵗ)`` that is exactly ``lr/(1-β₁ᵗ) · m / (√v/√(1-β₂ᵗ) + eps)``, PyTorch's formula.
@@ -374,9 +392,8 @@ class Adam:
     SLOTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, cfg, variables: List[tf.Variable]):
-        self.cfg = cfg
-        self.step = tf.Variable(0.0, trainable=False, name="adam_step")
-        self.slots = [{s: tf.Variable(tf.zeros_like(v), trainable=False) for s in self.SLOTS} for v in variables]
+        super().__init__(cfg, variables, counts_steps=True)
+        self.decoupled = cfg.name == "adamw"
 
     def apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
         cfg = self.cfg
@@ -384,42 +401,71 @@ class Adam:
         beta1_power, beta2_power = tf.pow(cfg.beta1, step), tf.pow(cfg.beta2, step)
         epsilon = cfg.eps * tf.sqrt(1.0 - beta2_power)
         for grad, var, slots in zip(grads, variables, self.slots):
-            if cfg.weight_decay:
-                grad = grad + cfg.weight_decay * var
+            if self.decoupled:
+                if cfg.weight_decay:
+                    var.assign(var * (1.0 - self.lr * cfg.weight_decay))
+            else:
+                grad = self.l2(grad, var)
             tf.raw_ops.ResourceApplyAdam(
                 var=var.handle, m=slots["exp_avg"].handle, v=slots["exp_avg_sq"].handle,
-                beta1_power=beta1_power, beta2_power=beta2_power, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2,
+                beta1_power=beta1_power, beta2_power=beta2_power, lr=self.lr, beta1=cfg.beta1, beta2=cfg.beta2,
                 epsilon=epsilon, grad=grad,
             )
 
 
-class SGD:
+class SGD(_Optimizer):
     """PyTorch's SGD: ``buf = momentum·buf + g``; step ``lr·buf`` (or ``lr·(g + momentum·buf)`` with Nesterov).
 
     TensorFlow's ``ResourceApplyMomentum`` kernel is that rule exactly (no dampening, Nesterov as PyTorch's).
     """
 
     def __init__(self, cfg, variables: List[tf.Variable]):
-        self.cfg = cfg
-        self.step = None  # SGD's rule needs no step count (PyTorch keeps none either)
         self.SLOTS = ("momentum_buffer",) if cfg.momentum else ()
-        self.slots = [{s: tf.Variable(tf.zeros_like(v), trainable=False) for s in self.SLOTS} for v in variables]
+        super().__init__(cfg, variables, counts_steps=False)  # PyTorch's SGD keeps no step count either
 
     def apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
         cfg = self.cfg
         for grad, var, slots in zip(grads, variables, self.slots):
-            if cfg.weight_decay:
-                grad = grad + cfg.weight_decay * var
+            grad = self.l2(grad, var)
             if cfg.momentum:
                 tf.raw_ops.ResourceApplyMomentum(
-                    var=var.handle, accum=slots["momentum_buffer"].handle, lr=cfg.lr, grad=grad,
+                    var=var.handle, accum=slots["momentum_buffer"].handle, lr=self.lr, grad=grad,
                     momentum=cfg.momentum, use_nesterov=cfg.nesterov,
                 )
             else:
-                var.assign_sub(cfg.lr * grad)
+                var.assign_sub(self.lr * grad)
 
 
-OPTIMIZERS = {"adam": Adam, "sgd": SGD}
+class RMSprop(_Optimizer):
+    """PyTorch's RMSprop (not centered): ``s = α·s + (1-α)·g²``; ``d = g / (√s + eps)``; with momentum
+    ``buf = m·buf + d`` and ``p -= lr·buf``, else ``p -= lr·d``. TensorFlow's own kernel puts eps inside the root
+    and lr inside the momentum buffer, so the rule is written out here."""
+
+    def __init__(self, cfg, variables: List[tf.Variable]):
+        self.SLOTS = ("square_avg", "momentum_buffer") if cfg.momentum else ("square_avg",)
+        super().__init__(cfg, variables, counts_steps=True)  # PyTorch counts RMSprop's steps (unused by the rule)
+
+    def apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        cfg = self.cfg
+        self.step.assign_add(1.0)
+        for grad, var, slots in zip(grads, variables, self.slots):
+            grad = self.l2(grad, var)
+            square_avg = slots["square_avg"].assign(cfg.alpha * slots["square_avg"] + (1.0 - cfg.alpha) * grad * grad)
+            direction = grad / (tf.sqrt(square_avg) + cfg.eps)
+            if cfg.momentum:
+                direction = slots["momentum_buffer"].assign(cfg.momentum * slots["momentum_buffer"] + direction)
+            var.assign_sub(self.lr * direction)
+
+
+OPTIMIZERS = {"adam": Adam, "adamw": Adam, "sgd": SGD, "rmsprop": RMSprop}
+
+
+def clip_by_global_norm(grads: List[tf.Tensor], max_norm: float) -> List[tf.Tensor]:
+    """PyTorch's ``clip_grad_norm_``: scale by min(1, max_norm / (global norm + 1e-6)) (TensorFlow's own
+    ``clip_by_global_norm`` omits the 1e-6)."""
+    norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+    scale = tf.minimum(1.0, max_norm / (norm + 1e-6))
+    return [g * scale for g in grads]
 
 
 def make_optimizer(cfg, variables: List[tf.Variable]):
@@ -455,9 +501,17 @@ def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state
 # --------------------------------------------------------------------------------------------------- runner
 
 
-def sparse_cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-    """Mean softmax cross-entropy of logits against integer labels (the softmax layer is fused in here)."""
-    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+def sparse_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Mean softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
+
+    With label smoothing ε, PyTorch's definition: (1-ε)·(-log p_label) + ε·mean over classes of (-log p).
+    """
+    if not label_smoothing:
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    log_p = tf.nn.log_softmax(logits)
+    nll = -tf.gather(log_p, labels, axis=1, batch_dims=1)
+    uniform = -tf.reduce_mean(log_p, axis=1)
+    return tf.reduce_mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
 
 
 class TensorFlowRunner:
@@ -467,7 +521,8 @@ class TensorFlowRunner:
     passes a Keras functional model behind the same interface (``variables`` and ``__call__(x, training)``).
     """
 
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std, network=None):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std, network=None,
+                 label_smoothing: float = 0.0):
         from cnnrun.spec.init import initial_weights
 
         configure_threads(device.threads)
@@ -477,6 +532,8 @@ class TensorFlowRunner:
             initial = from_canonical(model, initial_weights(model, seed), LAYOUT)
             self.net = (network or Network)(model, initial, seed)
             self.optimizer = make_optimizer(optimizer, self.net.variables.trainable)
+            self.clip_norm = optimizer.clip_norm
+            self.label_smoothing = label_smoothing
             self.mean = tf.constant(np.asarray(mean, np.float32))
             self.inv_std = tf.constant(1.0 / np.asarray(std, np.float32))
             self._loss_sum = tf.Variable(0.0, trainable=False)
@@ -488,27 +545,47 @@ class TensorFlowRunner:
         # Fixed signatures: one trace serves every batch size, the last short batch included.
         jit = bool(options.jit_compile)
         self._train = tf.function(self._train_step, input_signature=[images, labels], jit_compile=jit)
-        self._predict = tf.function(self._logits, input_signature=[images], jit_compile=jit)
+        # Mixup/cutmix batches: their own trace (partner labels and λ), so plain batches pay nothing for them.
+        lam = tf.TensorSpec((), tf.float32)
+        self._train_mixed = tf.function(self._train_step, input_signature=[images, labels, labels, lam],
+                                        jit_compile=jit)
+        self._predict = tf.function(self.logits, input_signature=[images], jit_compile=jit)
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
         return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor) -> None:
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, partners=None, lam=None) -> None:
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
             logits = self.net(self._inputs(images), training=True)
-            loss = sparse_cross_entropy(labels, logits)
-        self.optimizer.apply(tape.gradient(loss, variables), variables)
+            loss = sparse_cross_entropy(labels, logits, self.label_smoothing)
+            if partners is not None:
+                loss = lam * loss + (1.0 - lam) * sparse_cross_entropy(partners, logits, self.label_smoothing)
+        grads = tape.gradient(loss, variables)
+        if self.clip_norm:
+            grads = clip_by_global_norm(grads, self.clip_norm)
+        self.optimizer.apply(grads, variables)
         self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
-    def _logits(self, images: tf.Tensor) -> tf.Tensor:
+    def logits(self, images: tf.Tensor) -> tf.Tensor:
+        """uint8 (N, H, W, C) → logits in inference mode, as graph ops (also what a SavedModel export serves)."""
         return self.net(self._inputs(images), training=False)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         with tf.device(self.device):
-            self._train(images, labels.astype(np.int64, copy=False))
+            if mix is None:
+                self._train(images, labels.astype(np.int64, copy=False))
+            else:
+                self._train_mixed(images, labels.astype(np.int64, copy=False),
+                                  mix.partner_labels.astype(np.int64, copy=False), np.float32(mix.lam))
         self._count += len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.lr.assign(lr)  # a variable read inside the compiled step: no retrace
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.lr.numpy())
 
     def train_metrics(self) -> Tuple[float, float, int]:
         count = self._count
@@ -546,6 +623,6 @@ class TensorFlowRunner:
         return list(self.net.variables.trainable)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std) -> TensorFlowRunner:
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> TensorFlowRunner:
     """The backend's entry point (see :func:`cnnrun.backends.create_runner`)."""
-    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std)
+    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std, label_smoothing=label_smoothing)

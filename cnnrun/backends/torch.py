@@ -225,7 +225,8 @@ def set_tf32(enabled: bool) -> None:
 
 
 class TorchRunner:
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
+                 label_smoothing: float = 0.0):
         from cnnrun.spec.init import initial_weights
 
         self.model = model
@@ -242,7 +243,9 @@ class TorchRunner:
         shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
         self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
-        self.optimizer = _make_optimizer(self.net.parameters(), optimizer, options, self.device)
+        self.optimizer = make_optimizer(list(self.net.parameters()), optimizer, fused=options.fused_optimizer)
+        self.clip_norm = optimizer.clip_norm
+        self.label_smoothing = label_smoothing
         self.forward = torch.compile(self.net) if options.compile else self.net
         self._zero_metrics()
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -261,19 +264,27 @@ class TorchRunner:
         x = (x - self.mean) * self.inv_std
         return x.contiguous(memory_format=self.memory_format)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         self.net.train()
         x = self._inputs(images)
         y = torch.from_numpy(labels).to(self.device, non_blocking=True)
         logits = self.forward(x)
-        loss = F.cross_entropy(logits, y)
+        loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_norm:
+            clip_gradients(self.optimizer, self.clip_norm)
         self.optimizer.step()
         with torch.no_grad():
             self._loss_sum += loss.detach().double() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
         self._count += len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_torch_learning_rate(self.optimizer, lr)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def train_metrics(self) -> Tuple[float, float, int]:
         count = self._count
@@ -327,16 +338,44 @@ class TorchRunner:
         return torch.empty_like(param).copy_(source)
 
 
-def _make_optimizer(params, cfg, options, device):
-    fused = bool(options.fused_optimizer)
-    if cfg.name == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
-        )
+def make_optimizer(params, cfg, fused: bool):
+    """The optimizer config → torch.optim with every hyperparameter stated (fused kernels where torch has them).
+
+    Also the optimizer of Keras on the torch backend, so both run the same update.
+    """
+    fused = bool(fused)
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                   fused=fused)
+    if cfg.name == "rmsprop":  # torch has no fused RMSprop kernel
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=fused
     )
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std) -> TorchRunner:
-    return TorchRunner(model, optimizer, options, device, seed, mean, std)
+def cross_entropy(logits, labels, label_smoothing: float, mix=None):
+    """The training loss: softmax cross-entropy with torch's label smoothing; for a mixup/cutmix batch,
+    λ·CE(labels) + (1 − λ)·CE(partner labels). Also the loss of Keras on the torch backend."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if mix is None:
+        return loss
+    partners = torch.from_numpy(mix.partner_labels).to(labels.device, non_blocking=True)
+    return mix.lam * loss + (1.0 - mix.lam) * F.cross_entropy(logits, partners, label_smoothing=label_smoothing)
+
+
+def clip_gradients(optimizer, max_norm: float) -> None:
+    """Scale every gradient by min(1, max_norm / (global norm + 1e-6)): the formula every backend uses."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def set_torch_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> TorchRunner:
+    return TorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)

@@ -100,11 +100,15 @@ def stratified_split(
     return tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
 
 
+def unknown_dataset(name: str) -> str:
+    return f"unknown dataset '{name}'{did_you_mean(name, DATASETS)}; available: {one_of(DATASETS)}"
+
+
 def load_dataset(cfg) -> Dataset:
     """Load the dataset a validated ``DatasetConfig`` names."""
     module_name = DATASETS.get(cfg.name)
     if module_name is None:
-        raise UserError(f"dataset={cfg.name} is unknown{did_you_mean(cfg.name, DATASETS)}; available: {one_of(DATASETS)}")
+        raise UserError(f"dataset.name: {unknown_dataset(cfg.name)}")
     dataset = importlib.import_module(module_name).load(cfg)
     if dataset.num_classes != cfg.num_classes:
         raise UserError(

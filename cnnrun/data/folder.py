@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnrun.data import Dataset, Split, cache, stratified_split, channel_stats
 from cnnrun.errors import UserError
+from cnnrun.preflight import folder_root_problem
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -30,14 +31,10 @@ _UNSPLIT = -1  # the part code of images in a root without train/ val/ test/
 
 def load(cfg) -> Dataset:
     """Scan dataset.root, decode (or load from cache) every image, split, and return the Dataset."""
-    if not cfg.root:
-        raise UserError(
-            "dataset=folder needs dataset.root=PATH: a folder with one sub-folder of images per class "
-            "(or train/, val/, test/ folders that each hold those)"
-        )
+    problem = folder_root_problem(cfg.root)
+    if problem:
+        raise UserError(f"dataset.root: {problem}")
     root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"dataset.root={cfg.root}: {'not a folder' if root.exists() else 'no such folder'}")
     if min(cfg.image_size) < 1:
         raise UserError(f"dataset.image_size={list(cfg.image_size)}: both sides must be at least 1 pixel")
     if cfg.channels not in (1, 3):

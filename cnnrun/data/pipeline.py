@@ -7,6 +7,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 from cnnrun.data import Split
+from cnnrun.data.augment import augment_batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -38,22 +39,3 @@ def iterate_batches(
         if augment is not None and rng is not None:
             images = augment_batch(images, augment, rng)
         yield images, labels
-
-
-def augment_batch(images: np.ndarray, augment, rng: np.random.Generator) -> np.ndarray:
-    """Random crop after zero padding and random horizontal flip, on a whole uint8 batch at once."""
-    pad = augment.random_crop_padding
-    if pad:
-        n, h, w, _ = images.shape
-        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        dy = rng.integers(0, 2 * pad + 1, size=n)
-        dx = rng.integers(0, 2 * pad + 1, size=n)
-        rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
-        cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
-        images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    if augment.horizontal_flip:
-        flip = rng.random(len(images)) < 0.5
-        if flip.any():
-            images = images.copy()
-            images[flip] = images[flip, :, ::-1]
-    return images

@@ -28,11 +28,17 @@ def dotted_key(prefix: str, loc: Sequence[Any], tags: Iterable[str] = ()) -> str
 
 
 def _model_for(loc: Sequence[Any], root: Type[BaseModel], tagged: Dict[str, Type[BaseModel]]) -> Type[BaseModel]:
-    """The pydantic class that owns the last key of ``loc``: the innermost union tag seen, else the root."""
+    """The pydantic class that owns the last key of ``loc``: walk down from the root through union tags and
+    fields that are models themselves (('trainer', 'epoch') is owned by the trainer group's class)."""
     owner = root
     for part in loc[:-1]:
         if isinstance(part, str) and part in tagged:
             owner = tagged[part]
+            continue
+        field = owner.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field is not None else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            owner = annotation
     return owner
 
 

@@ -14,6 +14,13 @@ from cnnrun.errors import UserError
 
 T = TypeVar("T")
 
+# The metrics a train run logs (cnnrun.trainer per epoch, cnnrun.tasks.train and .common at the end): what
+# sweep.objective may name, checked before any job runs.
+METRICS = (
+    "best_val_acc", "best_epoch", "test_acc", "test_loss", "train_loss", "train_acc", "val_loss", "val_acc",
+    "epoch_seconds", "images_per_s", "lr",
+)
+
 
 def job_result(ctx, logger, best_val_acc: float) -> float:
     """What the train task returns: the configured objective (kept on the sweep job for its record, too)."""

@@ -1,4 +1,4 @@
-"""The tasks a run can perform (``task=...``): train, summary, eval, validate, predict. Each is one module."""
+"""The tasks a run can perform (``task=...``): train, summary, eval, validate, predict, export. Each is one module."""
 
 TASKS = {
     "train": "cnnrun.tasks.train",
@@ -6,4 +6,5 @@ TASKS = {
     "eval": "cnnrun.tasks.evaluate",
     "validate": "cnnrun.tasks.validate",
     "predict": "cnnrun.tasks.predict",
+    "export": "cnnrun.tasks.export",
 }

@@ -32,8 +32,8 @@ from cnnrun.tracking import start_run
 def run(ctx) -> float:
     """Evaluate ``checkpoint=`` on the test split; return the test accuracy."""
     cfg = ctx.cfg
-    path = _checkpoint_path(cfg.checkpoint)
-    ckpt = ckpt_io.load(path)
+    path = Path(cfg.checkpoint)  # set: cnnrun.preflight checked that task=eval has one
+    ckpt = ckpt_io.load_setting("checkpoint", cfg.checkpoint, path)
     compiled = load_model(ckpt, path)
     _check_dataset_config(cfg.dataset, ckpt, path)
     ctx = dataclasses.replace(ctx, compiled=compiled)  # tags, titles and reports name the checkpoint's model
@@ -53,13 +53,6 @@ def run(ctx) -> float:
                                                               **checkpoint_tags(ckpt, path)})
     with ending_run(logger, interrupts=(KeyboardInterrupt,)):
         return _evaluate(ctx, runner, dataset, logger, ckpt, path, version)
-
-
-def _checkpoint_path(value) -> Path:
-    if not value:
-        raise UserError("task=eval needs the checkpoint to evaluate: add checkpoint=PATH "
-                        "(e.g. outputs/<date>/<time>-<model>-<framework>/model.safetensors)")
-    return Path(value)
 
 
 def load_model(ckpt: ckpt_io.Checkpoint, path: Path) -> CompiledModel:

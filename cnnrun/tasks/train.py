@@ -14,6 +14,7 @@ from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
 from cnnrun.resume import load_for_resume
+from cnnrun.schedules import LearningRate
 from cnnrun.summary import summary_json, summary_text
 from cnnrun.sweep.objective import job_result
 from cnnrun.sweep.resume import skip_finished
@@ -33,7 +34,8 @@ def run(ctx) -> float:
     dataset = load_data(ctx)
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
-        ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std
+        ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std,
+        label_smoothing=cfg.trainer.label_smoothing,
     )
     version = backend.framework_version()
     resumed = None
@@ -80,7 +82,8 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         f"{cfg.framework.name} {version} on {runner.device_name}; run {logger.run_id or '(not tracked)'}"
     )
     view = ProgressView(cfg.trainer.progress, cfg.trainer.epochs)
-    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save)
+    rate = LearningRate(ctx.schedule, cfg.optimizer.lr, cfg.trainer.epochs)
+    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save, learning_rate=rate)
     try:
         state = trainer.fit(state, augment=cfg.dataset.augment)
     except Exception as err:

@@ -7,12 +7,18 @@ loaded together can disagree about threads and allocators. The job names the fra
 its options, and cases; each case is a spec, an input shape, a data .npz (canonical weights under
 ``weights/<name>``, ``images``, ``batch_images``/``batch_labels`` of shape (steps, batch, ...)) and commands:
 
-- ``info``: native parameter counts and per-layer output shapes where the framework can tell;
+- ``info``: native parameter counts and per-layer output shapes (top-level layers; Keras: every Keras layer);
 - ``forward``: set the weights, ``predict_logits(images)``;
 - ``roundtrip``: set the weights, ``get_weights()``;
 - ``train``: a fresh runner with the command's optimizer (and optional ``spec``), set the weights, one
   ``train_step`` + ``train_metrics`` per batch → per-step losses, then the final canonical weights;
-- ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state.
+- ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state;
+- ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework
+  (``val_losses``, one per epoch, drive ``plateau``).
+
+``train`` and ``resume`` also take a ``schedule`` (the rate set before every step, as the trainer does, the steps
+being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group. ``train``
+with ``mix_lams`` (one λ per step) trains mixed batches against the data's ``batch_partner_labels``.
 
 Output keys: ``<case>/<command id>/<what>``, plus ``modules/<package>`` = 1 for each framework package the
 process ended up importing.
@@ -28,20 +34,46 @@ import numpy as np
 
 from cnnrun.backends import create_runner, validate_options
 from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.data.augment import Mix
+from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.spec import CompiledModel, compile_model
 
 FRAMEWORK_PACKAGES = ("torch", "tensorflow", "keras", "chainer")
 
 
-def _torch_counts(runner) -> Dict[str, Any]:
-    return {"trainable": sum(p.numel() for p in runner.net.parameters() if p.requires_grad)}
+def _channels_first_shapes(model: CompiledModel, blocks, x) -> Dict[str, list]:
+    """Each top-level layer's output shape, from pushing ``x`` (N, C, H, W) through the framework's own blocks
+    one by one, reported like Keras's: [H, W, C] for maps, [units] for vectors."""
+    shapes = {}
+    for layer, block in zip(model.layers, blocks):
+        x = block(x)
+        shape = [int(d) for d in x.shape[1:]]
+        shapes[layer.name] = shape[1:] + shape[:1] if len(shape) == 3 else shape
+    return shapes
 
 
-def _tensorflow_counts(runner) -> Dict[str, Any]:
+def _torch_counts(runner, model: CompiledModel) -> Dict[str, Any]:
+    import torch
+
+    runner.net.eval()
+    with torch.no_grad():
+        shapes = _channels_first_shapes(model, runner.net.layers, torch.zeros(2, *model.input_shape))
+    return {"trainable": sum(p.numel() for p in runner.net.parameters() if p.requires_grad), "layer_shapes": shapes}
+
+
+def _chainer_counts(runner, model: CompiledModel) -> Dict[str, Any]:
+    import chainer
+
+    with chainer.using_config("train", False), chainer.using_config("enable_backprop", False):
+        shapes = _channels_first_shapes(model, runner.net, np.zeros((2, *model.input_shape), np.float32))
+    return {"trainable": sum(int(p.size) for p in runner.net.params()), "layer_shapes": shapes}
+
+
+def _tensorflow_counts(runner, model: CompiledModel) -> Dict[str, Any]:
     return {"trainable": sum(int(np.prod(v.shape)) for v in runner.trainable_variables)}
 
 
-def _keras_counts(runner) -> Dict[str, Any]:
+def _keras_counts(runner, model: CompiledModel) -> Dict[str, Any]:
     model = runner.keras_model
     # Keras layers are named after canonical layers ('/' → '__'); helpers carry a suffix (__pad, __add).
     shapes = {layer.name.replace("__", "/"): [int(d) for d in layer.output.shape[1:]] for layer in model.layers}
@@ -53,11 +85,26 @@ def _keras_counts(runner) -> Dict[str, Any]:
 
 
 # How each framework counts its own parameters (a new framework without an entry reports none).
-NATIVE_COUNTS: Dict[str, Callable[[Any], Dict[str, Any]]] = {
+NATIVE_COUNTS: Dict[str, Callable[[Any, CompiledModel], Dict[str, Any]]] = {
     "torch": _torch_counts,
     "tensorflow": _tensorflow_counts,
     "keras": _keras_counts,
+    "chainer": _chainer_counts,
 }
+
+
+def _losses(runner, batches, set_rate=lambda runner, step: None, first_step: int = 0, mixes=None) -> list:
+    """One train_step per (images, labels) batch, the schedule's rate set before it (and the step's Mix given,
+    when ``mixes`` holds one per step); the loss of each step, in float64."""
+    losses = []
+    for step, (images, labels) in enumerate(batches, first_step):
+        set_rate(runner, step)
+        if mixes is None:
+            runner.train_step(images, labels)
+        else:
+            runner.train_step(images, labels, mixes[step])
+        losses.append(float(runner.train_metrics()[0]))
+    return losses
 
 
 class Worker:
@@ -66,11 +113,20 @@ class Worker:
         self.options = validate_options(self.framework, job.get("options", {}))
         self.out: Dict[str, np.ndarray] = {}
 
-    def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any]):
+    def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any],
+               label_smoothing: float = 0.0):
         return create_runner(
             self.framework, model, OptimizerConfig(**optimizer), self.options, DeviceConfig(name="cpu"),
-            0, tuple(case["mean"]), tuple(case["std"]),
+            0, tuple(case["mean"]), tuple(case["std"]), label_smoothing=label_smoothing,
         )
+
+    @staticmethod
+    def rate_setter(command, steps: int) -> Callable[[Any, int], None]:
+        """What the trainer does before step i of a one-epoch run with the command's schedule (or nothing)."""
+        if "schedule" not in command:
+            return lambda runner, i: None
+        rate = LearningRate(validate_schedule(command["schedule"]), command["optimizer"]["lr"], epochs=1)
+        return lambda runner, i: runner.set_learning_rate(rate.at(0, i, steps, None))
 
     def run_case(self, case: Dict[str, Any]) -> None:
         data = dict(np.load(case["data"]))
@@ -86,10 +142,13 @@ class Worker:
             if kind == "resume":
                 self.resume(key, case, command, weights, data)
                 continue
+            if kind == "rates":
+                self.rates(key, model, case, command)
+                continue
             if shared is None:
                 shared = self.runner(model, case, default_opt)
             if kind == "info":
-                self.info(key, shared, data)
+                self.info(key, shared, model)
             elif kind == "forward":
                 shared.set_weights(weights)
                 self.out[f"{key}/logits"] = shared.predict_logits(data["images"])
@@ -100,21 +159,22 @@ class Worker:
             else:
                 raise ValueError(f"unknown command {kind!r}")
 
-    def info(self, key: str, runner, data) -> None:
+    def info(self, key: str, runner, model: CompiledModel) -> None:
         counter = NATIVE_COUNTS.get(self.framework)
-        counts = counter(runner) if counter else {}
+        counts = counter(runner, model) if counter else {}
         self.out[f"{key}/json"] = np.frombuffer(json.dumps(counts).encode(), np.uint8)
 
     def train(self, key: str, case, command, weights, data) -> None:
         spec = command.get("spec", case["spec"])
         model = compile_model(spec, tuple(case["input_shape"]), case["num_classes"])
-        runner = self.runner(model, case, command["optimizer"])
+        runner = self.runner(model, case, command["optimizer"], command.get("label_smoothing", 0.0))
         runner.set_weights(weights)
-        losses = []
-        for images, labels in zip(data["batch_images"], data["batch_labels"]):
-            runner.train_step(images, labels)
-            losses.append(runner.train_metrics()[0])
-        self.out[f"{key}/losses"] = np.asarray(losses, np.float64)
+        set_rate = self.rate_setter(command, len(data["batch_images"]))
+        mixes = None
+        if "mix_lams" in command:
+            mixes = [Mix(partners, lam) for partners, lam in zip(data["batch_partner_labels"], command["mix_lams"])]
+        batches = zip(data["batch_images"], data["batch_labels"])
+        self.out[f"{key}/losses"] = np.asarray(_losses(runner, batches, set_rate, mixes=mixes))
         for name, value in runner.get_weights().items():
             self.out[f"{key}/weights/{name}"] = value
         state = runner.get_training_state()
@@ -122,31 +182,36 @@ class Worker:
         for name, value in state.items():
             self.out[f"{key}/state/{name}"] = np.asarray(value)
 
-
     def resume(self, key: str, case, command, weights, data) -> None:
         """Losses of all steps in one runner, and of the same steps split across two runners by a resume."""
         model = compile_model(command.get("spec", case["spec"]), tuple(case["input_shape"]), case["num_classes"])
         batches = list(zip(data["batch_images"], data["batch_labels"]))
         half = len(batches) // 2
-
-        def steps(runner, part):
-            losses = []
-            for images, labels in part:
-                runner.train_step(images, labels)
-                losses.append(runner.train_metrics()[0])
-            return losses
+        set_rate = self.rate_setter(command, len(batches))
 
         straight = self.runner(model, case, command["optimizer"])
         straight.set_weights(weights)
-        self.out[f"{key}/straight"] = np.asarray(steps(straight, batches))
+        self.out[f"{key}/straight"] = np.asarray(_losses(straight, batches, set_rate))
         first = self.runner(model, case, command["optimizer"])
         first.set_weights(weights)
-        losses = steps(first, batches[:half])
+        losses = _losses(first, batches[:half], set_rate)
         saved_weights, saved_state = first.get_weights(), first.get_training_state()
         second = self.runner(model, case, command["optimizer"])
         second.set_weights(saved_weights)
         second.set_training_state(saved_state)
-        self.out[f"{key}/resumed"] = np.asarray(losses + steps(second, batches[half:]))
+        self.out[f"{key}/resumed"] = np.asarray(losses + _losses(second, batches[half:], set_rate, first_step=half))
+
+    def rates(self, key: str, model, case, command) -> None:
+        """Every step's rate of a whole run (``epochs`` × ``steps_per_epoch``), as the framework holds it."""
+        runner = self.runner(model, case, command["optimizer"])
+        rate = LearningRate(validate_schedule(command["schedule"]), command["optimizer"]["lr"], command["epochs"])
+        steps, held, state = command["steps_per_epoch"], [], rate.initial_state()
+        for epoch in range(command["epochs"]):
+            for step in range(steps):
+                runner.set_learning_rate(rate.at(epoch, step, steps, state))
+                held.append(runner.learning_rate())
+            state = rate.end_epoch(state, command.get("val_losses", [0.0] * command["epochs"])[epoch])
+        self.out[f"{key}/rates"] = np.asarray(held, np.float64)
 
 
 def main(job_path: str, out_path: str) -> None:

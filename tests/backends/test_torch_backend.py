@@ -14,7 +14,7 @@ from cnnrun.errors import UserError
 from cnnrun.spec import LAYER_TYPES, compile_model
 from tests.helpers import shipped_model
 from tests.reference import random_weights, reference_logits
-from tests.specs import POOLING, POOLING_INPUT, STRESS, STRESS_INPUT
+from tests.specs import POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3)
 CPU = DeviceConfig(name="cpu")
@@ -40,10 +40,9 @@ def test_shapes_and_params_equal_the_compilers(input_shape, kernel, stride, padd
         {"type": "flatten"},
         {"type": "dense", "units": 10},
     ]}
-    try:
-        model = compile_model(spec, input_shape, 10)
-    except Exception:
-        pytest.skip("spec has an empty output for this combination (the compiler refuses it)")
+    if refused(spec, input_shape):
+        return
+    model = compile_model(spec, input_shape, 10)
     net = Network(model)
     x = torch.zeros(2, *input_shape)
     for layer, module in zip(model.layers, net.layers):

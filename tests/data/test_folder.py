@@ -120,7 +120,8 @@ def test_num_classes_must_match(tmp_path, make_cfg):
         load_dataset(_cfg(make_cfg, root, num_classes=2))
 
 
-@pytest.mark.parametrize("root, message", [(None, "needs dataset.root=PATH"), ("/no/such/dir", "no such folder")])
+@pytest.mark.parametrize("root, message", [(None, "dataset.root: required with dataset=folder"),
+                                           ("/no/such/dir", "no such folder")])
 def test_root_problems(make_cfg, root, message):
     with pytest.raises(UserError, match=message):
         load_dataset(make_cfg("folder", num_classes=2, root=root))

@@ -59,7 +59,7 @@ def test_config_hash_ignores_what_differs_between_identical_jobs():
     base = {"model": {"name": "m"}, "optimizer": {"lr": 0.001},
             "device": {"name": "auto", "index": None, "threads": None},
             "trainer": {"epochs": 2, "progress": True}, "tracking": {"uri": "a"}, "sweep": {"rerun": False},
-            "predict": {"top_k": None}}
+            "predict": {"top_k": None}, "export": {"format": "onnx"}}
 
     def digest(**changes):
         raw = {k: dict(v) for k, v in base.items()}
@@ -72,5 +72,6 @@ def test_config_hash_ignores_what_differs_between_identical_jobs():
     assert digest(device__threads=1) == digest(device__index=3) == digest(trainer__progress=False) == same
     assert digest(tracking__uri="http://x") == digest(sweep__rerun=True) == same
     assert digest(predict__top_k=3) == same  # task=predict's settings: no part of what training computes
+    assert digest(export__format="keras") == same  # task=export's settings change nothing a training run computes
     assert digest(optimizer__lr=0.003) != same and digest(trainer__epochs=3) != same
     assert digest(device__name="cpu") != same

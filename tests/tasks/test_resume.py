@@ -1,67 +1,154 @@
-"""Interrupt and resume: the final metrics equal an uninterrupted run's, in every framework.
+"""Interrupt and resume: the resumed run is the uninterrupted run, epoch by epoch, in every framework.
+
+Each case trains three epochs straight through, and again with a SIGINT sent as soon as epoch 1's
+checkpoints/last.safetensors exists, then ``trainer.resume=last``. With many steps per epoch the interrupt lands
+inside epoch 2 (checked from the saved progress); with one step per epoch it lands at the end of epoch 2, so the
+resume starts at an epoch boundary. Compared with the straight run: the whole per-epoch metric history in MLflow
+(every step once), every other metric, the history stored in the final checkpoint, and the tensors of the best and
+final checkpoints.
 
 Tolerances: torch and chainer on the CPU resume bit for bit (weights, optimizer slots, dropout RNG and data order
-are all restored), so their test metrics are compared exactly; the per-epoch train loss is summed in float64
-in another grouping, so it is compared to 1e-9. TensorFlow and Keras restore the same state; their kernels may
-pick other summation orders between processes, so they get 1e-5 on losses and at most one image on accuracy.
+are all restored), so everything is compared exactly except the per-epoch train loss, which is summed in float64
+in another grouping after a mid-epoch resume (1e-9). TensorFlow and Keras restore the same state; their kernels
+may pick other summation orders between processes, so losses and weights get 1e-5 and accuracies one image.
 """
 
 import importlib.util
+import signal
+import subprocess
+import time
 
+import numpy as np
 import pytest
 
+from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import BACKENDS
-from tests.helpers import mlflow_runs, run_cli
+from tests.helpers import CNNRUN, mlflow_runs, run_cli
 
 # Dropout is in the model so that the RNG state has to be carried across the interruption.
 DROPNET = """\
 name: dropnet
 layers:
-  - {type: conv2d, filters: 16, kernel: 5, padding: same, activation: relu}
+  - {type: conv2d, filters: 4, kernel: 5, padding: same, activation: relu}
   - {type: maxpool, size: 2}
-  - {type: conv2d, filters: 16, kernel: 3, padding: same, activation: relu}
+  - {type: conv2d, filters: 6, kernel: 3, padding: same, activation: relu}
   - {type: maxpool, size: 2}
   - {type: flatten}
   - {type: dropout, rate: 0.3}
-  - {type: dense, units: 64, activation: relu}
+  - {type: dense, units: 16, activation: relu}
   - {type: dense, units: "${dataset.num_classes}"}
   - {type: softmax}
 """
-LOSS_TOLERANCE = {"torch": 0.0, "chainer": 0.0, "tensorflow": 1e-5, "keras": 1e-5}
+TOLERANCE = {"torch": 0.0, "chainer": 0.0, "tensorflow": 1e-5, "keras": 1e-5}
+TRAIN_IMAGES = 500  # mnist_5k with these fractions: 500 train, 1,500 validation, 3,000 test images
+# batch size → where the interrupt lands: 100 steps per epoch (inside epoch 2) or 1 (at the end of epoch 2)
+WHERE = {"mid-epoch": 5, "epoch-boundary": TRAIN_IMAGES}
+PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
+TIMINGS = ("epoch_seconds", "images_per_s", "seconds")
 
 
-def _final(uri):
-    _, runs = mlflow_runs(uri)
-    (run,) = runs
-    return run
+def _args(workdir, framework: str, batch_size: int):
+    return ["--config-dir", str(workdir / "conf"), "model=dropnet", f"framework={framework}", "device=cpu",
+            "dataset.val_fraction=0.3", "dataset.test_fraction=0.6", f"trainer.batch_size={batch_size}",
+            "trainer.epochs=3", "trainer.patience=null", "trainer.progress=false", "trainer.log_every=7",
+            "tracking.log_model=false"]
+
+
+def _interrupt_after_epoch_1(args, cwd):
+    """Start training and send SIGINT the moment epoch 1's last.safetensors appears; returns (code, stderr)."""
+    proc = subprocess.Popen(CNNRUN + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(cwd.glob("outputs/*/*/checkpoints/last.safetensors")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "epoch 1 never finished"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _run(uri):
+    client, runs = mlflow_runs(uri)
+    (run,) = runs  # the resumed job continues its run: one run, not two
+    return client, run
+
+
+def _history(client, run, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def _close(a, b, tol, what):
+    assert abs(a - b) <= tol, f"{what}: {a} != {b} (tolerance {tol})"
+
+
+def _metric_tolerance(key: str, tol: float, images: int) -> float:
+    if key.endswith("_acc"):
+        return 0.0 if tol == 0 else 1 / images
+    if key == "train_loss":
+        return max(tol, 1e-9)
+    return tol
+
+
+def _assert_same_tensors(a, b, tol, what):
+    assert set(a) == set(b), what
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=tol, err_msg=f"{what}: {name}")
+
+
+def _outputs(root):
+    (final,) = root.glob("outputs/*/*/model.safetensors")  # only a job that completes writes it
+    return ckpt_io.load(final), ckpt_io.load(final.parent / "checkpoints" / "best.safetensors")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", list(WHERE))
 @pytest.mark.parametrize("framework", sorted(BACKENDS))
-def test_resume_equals_uninterrupted(framework, workdir):
+def test_resume_equals_uninterrupted(framework, where, workdir):
     if importlib.util.find_spec(BACKENDS[framework].module) is None:
         pytest.skip(f"no {framework} backend module")
     (workdir / "conf" / "model").mkdir(parents=True)
     (workdir / "conf" / "model" / "dropnet.yaml").write_text(DROPNET)
-    args = ["--config-dir", str(workdir / "conf"), "model=dropnet", f"framework={framework}", "trainer.epochs=3",
-            "trainer.patience=null", "trainer.progress=false", "trainer.log_every=5"]
-    straight = workdir / "straight"
-    straight.mkdir()
-    assert run_cli(args + [f"tracking.uri=sqlite:///{straight}/m.db"], straight).returncode == 0
-    broken = workdir / "broken"
-    broken.mkdir()
-    uri = f"sqlite:///{broken}/m.db"
-    first = run_cli(args + [f"tracking.uri={uri}", "trainer.max_time=0.6"], broken)
-    assert first.returncode == 130, first.stderr[-2000:]
-    assert _final(uri).info.status == "KILLED"
-    second = run_cli(args + [f"tracking.uri={uri}", "trainer.resume=last"], broken)
-    assert second.returncode == 0, second.stderr[-2000:]
+    args = _args(workdir, framework, WHERE[where])
+    straight, broken = workdir / "straight", workdir / "broken"
+    straight.mkdir(), broken.mkdir()
+    result = run_cli(args + [f"tracking.uri=sqlite:///{straight}/m.db"], straight)
+    assert result.returncode == 0, result.stderr[-2000:]
 
-    expected, resumed = _final(f"sqlite:///{straight}/m.db"), _final(uri)  # one run: the same one continued
+    uri = f"sqlite:///{broken}/m.db"
+    code, err = _interrupt_after_epoch_1(args + [f"tracking.uri={uri}"], broken)
+    assert code == 130, err[-2000:]
+    assert _run(uri)[1].info.status == "KILLED"
+    (interrupted,) = broken.glob("outputs/*/*/checkpoints/last.safetensors")
+    progress = ckpt_io.load(interrupted).progress
+    if where == "mid-epoch":
+        assert progress["epoch"] == 1 and 0 < progress["batch"] < TRAIN_IMAGES // WHERE[where], progress
+    else:
+        assert (progress["epoch"], progress["batch"]) == (2, 0), progress
+    result = run_cli(args + [f"tracking.uri={uri}", "trainer.resume=last"], broken)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    tol = TOLERANCE[framework]
+    (client_a, expected), (client_b, resumed) = _run(f"sqlite:///{straight}/m.db"), _run(uri)
     assert resumed.info.status == "FINISHED" and "cnnrun.resumed_from" in resumed.data.tags
+    for key in PER_EPOCH:  # every epoch logged once, at its step, with the uninterrupted run's value
+        a, b = _history(client_a, expected, key), _history(client_b, resumed, key)
+        assert [step for step, _ in b] == [step for step, _ in a] == [1, 2, 3], key
+        for (step, x), (_, y) in zip(a, b):
+            _close(x, y, _metric_tolerance(key, tol, 1500 if key.startswith("val") else TRAIN_IMAGES),
+                   f"{key} at epoch {step}")
     a, b = expected.data.metrics, resumed.data.metrics
-    tol = LOSS_TOLERANCE[framework]
-    assert abs(a["test_loss"] - b["test_loss"]) <= tol
-    assert abs(a["test_acc"] - b["test_acc"]) <= (0 if tol == 0 else 1 / 1000)
-    assert abs(a["val_loss"] - b["val_loss"]) <= tol
-    assert abs(a["train_loss"] - b["train_loss"]) <= max(tol, 1e-9)
+    assert set(a) == set(b)
+    for key in set(a) - set(TIMINGS):  # the final test metrics and the sweep objective too
+        _close(a[key], b[key], _metric_tolerance(key, tol, 3000), key)
+
+    (final_a, best_a), (final_b, best_b) = _outputs(straight), _outputs(broken)
+    rows_a, rows_b = final_a.progress.pop("history"), final_b.progress.pop("history")
+    assert len(rows_a) == len(rows_b) == 3
+    for row_a, row_b in zip(rows_a, rows_b):
+        for key in PER_EPOCH:
+            _close(row_a[key], row_b[key], _metric_tolerance(key, tol, 1500), f"stored {key}, epoch {row_a['epoch']}")
+    assert {k: v for k, v in final_a.progress.items() if k not in TIMINGS} == \
+        pytest.approx({k: v for k, v in final_b.progress.items() if k not in TIMINGS}, abs=tol, rel=0)
+    assert best_a.progress["epoch"] == best_b.progress["epoch"]
+    _assert_same_tensors(best_a.weights, best_b.weights, tol, "best checkpoint")
+    _assert_same_tensors(final_a.weights, final_b.weights, tol, "tested model")

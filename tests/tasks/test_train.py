@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from cnnrun import checkpoint as ckpt_io
-from tests.helpers import CNNRUN, mlflow_runs, run_cli
+from tests.helpers import CNNRUN, GPU_SKIP_REASON, mlflow_runs, run_cli, torch_sees_a_gpu
 
 
 @pytest.mark.slow
 def test_readme_main_job_reaches_95_percent_and_records_everything(workdir):
-    """README command 1's job: default config, default local store."""
+    """README command 1's job: default config, default local store (device=auto: the CPU here)."""
+    if torch_sees_a_gpu():
+        pytest.skip(GPU_SKIP_REASON)
     result = run_cli(["trainer.progress=false"], workdir)
     assert result.returncode == 0, result.stderr
     client, runs = mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -131,6 +133,8 @@ def test_early_stopping_on_a_validation_set_that_cannot_be_learned():
 def test_out_of_memory_suggests_a_smaller_batch(workdir, tracking_uri):
     """Under a 6 GiB address-space limit, a 3,500-image batch through 512-filter convs (5.6 GB of activations in
     the first layer alone) fails to allocate: a clear message naming a smaller batch, and a FAILED run."""
+    if torch_sees_a_gpu():  # device=auto would put the batch on the GPU, where the host limit means nothing
+        pytest.skip(GPU_SKIP_REASON)
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))"
     code = f"{limit}; import sys; from cnnrun.cli import main; sys.argv[0] = 'cnnrun'; main()"
     result = subprocess.run([sys.executable, "-c", code, "trainer.batch_size=3500", "trainer.epochs=1",
