@@ -31,24 +31,36 @@ class SoftmaxRegression:
         self.syncs: List[int] = []  # self.steps at each train_metrics call
         self.step_sums: List[Tuple[float, int, int]] = []  # (loss sum, correct, images) of every step
         self.labels_seen: List[np.ndarray] = []  # every step's labels, in the order they came
+        self.rates_set: List[Tuple[int, float]] = []  # (steps done, rate) at each set_learning_rate
+        self.mixes: List[float] = []  # λ of every mixed step
         self._loss_sum, self._correct, self._count = 0.0, 0, 0
 
     def _logits(self, images: np.ndarray) -> np.ndarray:
         return images.reshape(len(images), -1) / 255.0 @ self.kernel.T + self.bias
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        """With ``mix`` (mixup/cutmix): loss λ·CE(labels) + (1 − λ)·CE(partner labels), accuracy against labels."""
         x = images.reshape(len(images), -1) / 255.0
         logits = x @ self.kernel.T + self.bias
-        loss, correct = cross_entropy_sum(logits, labels), int((logits.argmax(axis=1) == labels).sum())
+        target = np.eye(self.bias.size)[labels]
+        loss = cross_entropy_sum(logits, labels)
+        if mix is not None:
+            target = mix.lam * target + (1.0 - mix.lam) * np.eye(self.bias.size)[mix.partner_labels]
+            loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy_sum(logits, mix.partner_labels)
+            self.mixes.append(mix.lam)
+        correct = int((logits.argmax(axis=1) == labels).sum())
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        p[np.arange(len(labels)), labels] -= 1.0
+        p = p / p.sum(axis=1, keepdims=True) - target
         self.kernel -= self.lr * p.T @ x / len(labels)
         self.bias -= self.lr * p.sum(axis=0) / len(labels)
         self.steps += 1
         self.labels_seen.append(labels.copy())
         self.step_sums.append((loss, correct, len(labels)))
         self._loss_sum, self._correct, self._count = self._loss_sum + loss, self._correct + correct, self._count + len(labels)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.lr = lr
+        self.rates_set.append((self.steps, lr))
 
     def train_metrics(self) -> Tuple[float, float, int]:
         self.syncs.append(self.steps)
@@ -80,9 +92,9 @@ class SignalAt(SoftmaxRegression):
         super().__init__(*args, **kwargs)
         self.at, self.seconds = at, seconds
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         time.sleep(self.seconds)
-        super().train_step(images, labels)
+        super().train_step(images, labels, mix)
         if self.steps == self.at:
             os.kill(os.getpid(), signal.SIGINT)
 

@@ -184,7 +184,7 @@ def test_the_temporary_file_is_written_beside_the_target(tmp_path, monkeypatch):
 def test_a_failed_save_raises_its_error_and_leaves_nothing_behind(tmp_path):
     target = tmp_path / "c.safetensors"
     (target / "occupied").mkdir(parents=True)  # a non-empty folder where the file should go: the rename fails
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"cannot write checkpoint {target}: Is a directory"):
         ckpt_io.save(target, sample())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
 

@@ -20,6 +20,7 @@ from cnnrun.data.pipeline import epoch_order
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.metrics import summarise
 from cnnrun.progress import ProgressView
+from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.tracking import NullLogger
 from cnnrun.trainer import Diverged, StopSignal, Trainer, TrainState, evaluate
 from tests.numpy_runner import SignalAt, SoftmaxRegression, quadrant_dataset
@@ -55,7 +56,7 @@ class RecordingView(ProgressView):
         self.updates.append((steps_done, loss, acc, images_per_s))
 
 
-def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment=None, **trainer):
+def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment=None, learning_rate=None, **trainer):
     """Train; returns what came out: state, runner, saved checkpoints, logger, view, error, wall seconds."""
     runner = runner or SoftmaxRegression(16, 4)
     saved = []  # (kind, the state as a checkpoint stores it, the runner's weights then)
@@ -63,7 +64,7 @@ def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment
     cfg = TrainerConfig(epochs=epochs, patience=patience, batch_size=8, eval_batch_size=16, log_every=3,
                         progress=False, **trainer)
     loop = Trainer(runner, dataset or quadrant_dataset(), cfg, logger, view,
-                   lambda kind, s: saved.append((kind, s.to_dict(), runner.get_weights())))
+                   lambda kind, s: saved.append((kind, s.to_dict(), runner.get_weights())), learning_rate)
     error, started = None, time.perf_counter()
     try:
         state = loop.fit(state, augment)
@@ -71,6 +72,15 @@ def _fit(epochs=2, patience=None, runner=None, dataset=None, state=None, augment
         error = err
     return SimpleNamespace(state=state, runner=runner, saved=saved, logger=logger, view=view, error=error,
                            wall=time.perf_counter() - started)
+
+
+def _assert_same_history(got, expected):
+    """Equal epoch tables, timings aside; means to 1e-12 (a resumed epoch sums its losses in other groups)."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"seconds", "images_per_s"}:
+            assert a[key] == (pytest.approx(b[key], rel=1e-12) if isinstance(b[key], float) else b[key]), key
 
 
 def _epoch_means(runner, epoch):
@@ -195,7 +205,7 @@ def test_a_nan_loss_stops_training_naming_the_steps():
 def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(at):
     """Stopped by SIGINT during step ``at`` (augmented, so the per-batch seeding matters too), then continued from
     what the last checkpoint holds: the same epoch table and the same weights, to the bit."""
-    augment = AugmentConfig(random_crop_padding=1, horizontal_flip=True)
+    augment = AugmentConfig(random_crop_padding=1, horizontal_flip=True, mixup_alpha=0.4)
     handler = signal.getsignal(signal.SIGINT)
     straight = _fit(epochs=3, augment=augment).runner
     interrupted = _fit(epochs=3, augment=augment, runner=SignalAt(16, 4, at=at))
@@ -216,9 +226,7 @@ def test_an_interrupted_run_resumed_equals_an_uninterrupted_one(at):
     fit = _fit(epochs=3, augment=augment, runner=resumed, state=TrainState.from_dict(progress))
     state = fit.state
     assert fit.view.starts[0] == (epoch, STEPS, step)  # the progress bar starts where the run stopped
-    for a, b in zip(state.history, _fit(epochs=3, augment=augment).state.history):
-        assert {k: v for k, v in a.items() if k not in ("seconds", "images_per_s")} == pytest.approx(
-            {k: v for k, v in b.items() if k not in ("seconds", "images_per_s")}, rel=1e-12)
+    _assert_same_history(state.history, _fit(epochs=3, augment=augment).state.history)
     np.testing.assert_array_equal(resumed.kernel, straight.kernel)
 
 
@@ -287,3 +295,36 @@ def test_train_state_round_trips_and_ignores_keys_it_does_not_know():
     state = TrainState(epoch=2, batch=3, loss_sum=1.5, best_val_loss=0.25, best_epoch=1, history=[{"epoch": 0}])
     assert TrainState.from_dict({**state.to_dict(), "from_a_newer_version": 1}) == state
     assert TrainState().best_val_loss == math.inf and TrainState().best_epoch == -1
+
+
+def _schedule(settings, epochs=3):
+    return LearningRate(validate_schedule(settings), 0.5, epochs)
+
+
+def test_a_schedule_sets_the_rate_when_it_changes_and_the_epoch_logs_it():
+    fit = _fit(epochs=3, learning_rate=_schedule({"name": "step", "step_size": 1, "gamma": 0.5}))
+    assert fit.runner.rates_set == [(0, 0.5), (STEPS, 0.25), (2 * STEPS, 0.125)]
+    assert [row["lr"] for row in fit.state.history] == [0.5, 0.25, 0.125]
+    assert [metrics["lr"] for _, metrics in fit.logger.calls] == [0.5, 0.25, 0.125]
+    plain = _fit(epochs=1)
+    assert plain.runner.rates_set == [] and plain.state.history[0]["lr"] is None
+
+
+def test_plateau_reduces_the_rate_and_its_state_survives_a_resume():
+    plateau = {"name": "plateau", "factor": 0.5, "patience": 0, "threshold": 0.0, "cooldown": 0, "min_lr": 0.0}
+    fit = _fit(epochs=3, dataset=quadrant_dataset(val_shift=1), learning_rate=_schedule(plateau))
+    assert fit.runner.rates_set == [(0, 0.5), (2 * STEPS, 0.25)]  # epoch 2 was worse than epoch 1
+    assert fit.state.schedule["lr"] == 0.125  # and epoch 3 than epoch 2
+    _, after_two, weights = [entry for entry in fit.saved if entry[0] == "last"][1]
+    assert after_two["schedule"]["lr"] == 0.25
+    runner = SoftmaxRegression(16, 4)
+    runner.set_weights(weights)
+    resumed = _fit(epochs=3, dataset=quadrant_dataset(val_shift=1), learning_rate=_schedule(plateau), runner=runner,
+                   state=TrainState.from_dict(after_two))
+    assert runner.rates_set == [(0, 0.25)] and resumed.state.schedule == fit.state.schedule
+
+
+def test_mixed_batches_reach_the_runner_with_their_partner_labels():
+    fit = _fit(epochs=1, augment=AugmentConfig(mixup_alpha=0.4))
+    assert len(fit.runner.mixes) == STEPS and all(0.0 <= lam <= 1.0 for lam in fit.runner.mixes)
+    assert _fit(epochs=1, augment=AugmentConfig(horizontal_flip=True)).runner.mixes == []
