@@ -227,3 +227,11 @@ def test_check_matches_without_a_path_and_with_exactly_eight():
         "  missing: " + ", ".join(f"missing_{i}/w" for i in range(8)),
         "  not in the model: " + ", ".join(f"extra_{i}/w" for i in range(8)),
     ]
+
+
+def test_a_folder_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "blocker").write_text("a file where the checkpoint folder should be")
+    target = tmp_path / "blocker" / "c.safetensors"
+    with pytest.raises(UserError) as err:
+        ckpt_io.save(target, sample())
+    assert str(err.value) == f"cannot write checkpoint {target}: File exists ({tmp_path / 'blocker'})"

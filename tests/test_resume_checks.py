@@ -153,3 +153,11 @@ def test_a_residual_block_is_summarised_without_its_body():
     block = {"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 3}]}
     (line,) = spec_differences({"layers": [block]}, {"layers": [{**block, "name": "r"}]})
     assert line == "model.layers[0]: checkpoint {type: residual}, this run {type: residual, name: r}"
+
+
+def test_a_damaged_checkpoint_names_the_setting(tmp_path):
+    path = tmp_path / "last.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError) as err:
+        load_for_resume(_context(tmp_path, f"trainer.resume={path}"))
+    assert str(err.value).startswith(f"trainer.resume={path}: checkpoint {path} is not a cnnrun checkpoint")

@@ -328,3 +328,11 @@ def test_mixed_batches_reach_the_runner_with_their_partner_labels():
     fit = _fit(epochs=1, augment=AugmentConfig(mixup_alpha=0.4))
     assert len(fit.runner.mixes) == STEPS and all(0.0 <= lam <= 1.0 for lam in fit.runner.mixes)
     assert _fit(epochs=1, augment=AugmentConfig(horizontal_flip=True)).runner.mixes == []
+
+
+def test_a_per_batch_schedule_sets_the_rate_before_every_step():
+    fit = _fit(epochs=2, learning_rate=_schedule({"name": "cosine", "warmup_epochs": 0, "min_lr": 0.0}, epochs=2))
+    steps, rates = zip(*fit.runner.rates_set)
+    assert steps == tuple(range(2 * STEPS)) and rates[0] == 0.5
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    assert fit.state.history[1]["lr"] == rates[-1]
