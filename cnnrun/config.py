@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec.validation import problems_from
@@ -75,6 +75,19 @@ class OptimizerConfig(_Group):
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty added to the gradient.")
+
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, value: bool, info: ValidationInfo) -> bool:
+        # Nesterov's look-ahead is a momentum step: without momentum torch refuses it and the others quietly
+        # run plain SGD, so the three would train different things.
+        momentum = info.data.get("momentum")
+        if value and info.data.get("name") == "sgd" and momentum == 0:
+            raise ValueError(
+                f"nesterov=true needs optimizer.momentum > 0 (received momentum={momentum}); "
+                "set optimizer.momentum (e.g. 0.9) or optimizer.nesterov=false"
+            )
+        return value
 
 
 class TrainerConfig(_Group):

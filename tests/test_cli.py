@@ -131,3 +131,10 @@ def test_problems_from_several_groups_are_reported_together(workdir):
     result = run_cli(["task=validate", "trainer.epochs=abc", "optimizer.lr=-1", "model.layers.0.padding=smae"], workdir)
     assert_user_error(result, "the config has 3 problems", "[command line: trainer.epochs=abc]",
                       "optimizer.lr", "model.layers[0].padding")
+
+
+def test_nesterov_without_momentum_is_a_config_problem_reported_with_the_others(workdir):
+    result = run_cli(["task=validate", "optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true",
+                      "trainer.epochs=abc"], workdir)
+    assert_user_error(result, "the config has 2 problems", "trainer.epochs",
+                      "optimizer.nesterov: nesterov=true needs optimizer.momentum > 0 (received momentum=0.0)")
