@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec.validation import problems_from
+from cnnrun.sweep.objective import DEFAULT_OBJECTIVE, unknown_objective
 
 
 class _Group(BaseModel):
@@ -124,9 +125,17 @@ class TrackingConfig(_Group):
 class SweepConfig(_Group):
     """Multirun (``-m``) settings: what each job returns to the sweep, and which jobs run again."""
 
-    objective: str = Field(default="best_val_acc", description="The metric each job returns (Optuna optimizes it).")
+    objective: str = Field(default=DEFAULT_OBJECTIVE, description="The metric each job returns (Optuna optimizes it).")
     direction: Literal["maximize", "minimize"] = "maximize"
     rerun: bool = Field(default=False, description="Train a job again even if its config already FINISHED.")
+
+    @field_validator("objective")
+    @classmethod
+    def _logged_by_a_run(cls, value: str) -> str:
+        problem = unknown_objective(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class SummaryConfig(_Group):

@@ -138,3 +138,9 @@ def test_nesterov_without_momentum_is_a_config_problem_reported_with_the_others(
                       "trainer.epochs=abc"], workdir)
     assert_user_error(result, "the config has 2 problems", "trainer.epochs",
                       "optimizer.nesterov: nesterov=true needs optimizer.momentum > 0 (received momentum=0.0)")
+
+
+def test_an_objective_no_run_logs_is_a_config_problem_with_the_close_name(workdir):
+    result = run_cli(["task=validate", "sweep.objective=best_val_acc"], workdir)
+    assert_user_error(result, "sweep.objective: a train run logs no metric 'best_val_acc' "
+                              "(did you mean 'kept_val_acc'?); available: 'train_loss'")

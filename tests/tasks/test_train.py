@@ -142,3 +142,36 @@ def test_out_of_memory_suggests_a_smaller_batch(workdir, tracking_uri):
     assert "Traceback" not in result.stderr
     _, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FAILED"
+
+
+def test_kept_epoch_metrics_describe_the_tested_weights_not_the_best_accuracy():
+    from cnnrun.tasks.train import kept_epoch_metrics
+    from cnnrun.trainer import TrainState
+
+    history = [{"epoch": 0, "val_loss": 0.50, "val_acc": 0.80}, {"epoch": 1, "val_loss": 0.40, "val_acc": 0.79},
+               {"epoch": 2, "val_loss": 0.60, "val_acc": 0.85}]
+    state = TrainState(epoch=3, best_epoch=1, best_val_loss=0.40, history=history)
+    assert kept_epoch_metrics(state, restored_best=True) == {"kept_epoch": 2, "kept_val_loss": 0.40,
+                                                             "kept_val_acc": 0.79}
+    assert kept_epoch_metrics(state, restored_best=False) == {"kept_epoch": 3, "kept_val_loss": 0.60,
+                                                              "kept_val_acc": 0.85}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_the_logged_objective_is_the_kept_epochs(workdir, tracking_uri, restore_best):
+    from cnnrun.sweep.objective import RUN_METRICS
+    from tests.tiny import TINY
+
+    args = [a for a in TINY if not a.startswith("trainer.epochs")]
+    result = run_cli([*args, "trainer.epochs=3", "trainer.patience=null", f"trainer.restore_best={restore_best}",
+                      "optimizer.lr=0.01", f"tracking.uri={tracking_uri}"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, (run,) = mlflow_runs(tracking_uri)
+    metrics = run.data.metrics
+    assert set(metrics) == set(RUN_METRICS)  # what sweep.objective may name is what a run logs
+    val_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+    kept = min(val_loss, key=val_loss.get) if restore_best else 3
+    assert metrics["kept_epoch"] == kept
+    assert metrics["kept_val_loss"] == val_loss[kept] and metrics["kept_val_acc"] == val_acc[kept]
