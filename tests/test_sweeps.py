@@ -103,3 +103,18 @@ def test_optuna_search_trials_are_child_runs(workdir, tracking_uri):
     best = max(c.data.metrics["kept_val_acc"] for c in children)
     assert parent.data.metrics["kept_val_acc"] == best
     assert all(c.data.params["trainer.epochs"] == "1" for c in children)  # the command line beats the file
+
+
+@pytest.mark.slow
+def test_a_validation_objective_without_a_validation_split_fails_the_job_before_training(workdir, tracking_uri):
+    args = [a for a in TINY if not a.startswith("dataset.val_fraction")]
+    result = run_cli(["-m", *args, f"tracking.uri={tracking_uri}", "dataset.val_fraction=0",
+                      "sweep.objective=kept_val_acc,test_acc"], workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert ("sweep.objective: 'kept_val_acc' is a validation metric, but dataset=mnist_5k has no validation split "
+            "here (dataset.val_fraction=0.0); available: 'train_loss'") in result.stderr
+    _, _, children = _sweep(tracking_uri)
+    failed, trained = sorted(children, key=lambda c: int(c.data.tags["cnnrun.sweep.job"]))
+    assert failed.info.status == "FAILED" and "sweep.objective" in failed.data.tags["cnnrun.error"]
+    assert "train_loss" not in failed.data.metrics  # refused before training
+    assert trained.info.status == "FINISHED" and "kept_val_acc" not in trained.data.metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, List, Mapping, Optional, TypeVar
 
-from cnnrun.errors import UserError, did_you_mean, one_of
+from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
 
 T = TypeVar("T")
 
@@ -19,6 +19,7 @@ T = TypeVar("T")
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds", "images_per_s")
 FINAL_METRICS = ("test_loss", "test_acc", "kept_epoch", "kept_val_loss", "kept_val_acc")
 RUN_METRICS = EPOCH_METRICS + FINAL_METRICS
+VALIDATION_METRICS = ("val_loss", "val_acc", "kept_val_loss", "kept_val_acc")  # not logged without a val split
 DEFAULT_OBJECTIVE = "kept_val_acc"
 
 
@@ -27,6 +28,20 @@ def unknown_objective(name: str) -> Optional[str]:
     if name in RUN_METRICS:
         return None
     return f"a train run logs no metric '{name}'{did_you_mean(name, RUN_METRICS)}; available: {one_of(RUN_METRICS)}"
+
+
+def check_objective_is_logged(cfg, validates: bool) -> None:
+    """In a sweep job, before training: the objective must be a metric this run will log."""
+    from cnnrun.sweep import job as sweep_job
+
+    name = cfg.sweep.objective
+    if validates or name not in VALIDATION_METRICS or sweep_job.current() is None:
+        return
+    available = [m for m in RUN_METRICS if m not in VALIDATION_METRICS]
+    raise ConfigError([Problem("sweep.objective", (
+        f"'{name}' is a validation metric, but dataset={cfg.dataset.name} has no validation split here "
+        f"(dataset.val_fraction={cfg.dataset.val_fraction}); available: {one_of(available)}, "
+        "or set dataset.val_fraction > 0"))])
 
 
 def job_result(ctx, logger) -> float:

@@ -16,7 +16,7 @@ from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
 from cnnrun.resume import load_for_resume
 from cnnrun.summary import summary_json, summary_text
-from cnnrun.sweep.objective import job_result
+from cnnrun.sweep.objective import check_objective_is_logged, job_result
 from cnnrun.sweep.resume import skip_finished
 from cnnrun.tasks.common import (
     ending_run, load_data, make_checkpoint, report_test, run_name, run_tags, write_text,
@@ -32,6 +32,7 @@ def run(ctx) -> float:
     if skipped is not None:
         return skipped
     dataset = load_data(ctx)
+    check_objective_is_logged(cfg, validates=len(dataset.val) > 0)
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
         ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std
@@ -116,10 +117,12 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
 
 def kept_epoch_metrics(state: TrainState, restored_best: bool) -> Dict[str, float]:
     """kept_epoch (1-based) and its validation metrics: the epoch whose weights are tested and saved as the model
-    (the best by validation loss when they were restored, else the last), never another epoch's best value."""
+    (the best by validation loss when they were restored, else the last), never another epoch's best value.
+    Without a validation split, kept_epoch only."""
     kept = state.best_epoch if restored_best else state.history[-1]["epoch"]
     row = next(r for r in state.history if r["epoch"] == kept)
-    return {"kept_epoch": kept + 1, "kept_val_loss": row["val_loss"], "kept_val_acc": row["val_acc"]}
+    metrics = {"kept_epoch": kept + 1, "kept_val_loss": row["val_loss"], "kept_val_acc": row["val_acc"]}
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "failed to allocate", "oom when allocating")
