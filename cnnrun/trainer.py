@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches
+from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches, num_batches
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
 
@@ -131,7 +131,7 @@ class Trainer:
     def _train_epoch(self, state: TrainState, stop: StopSignal, augment) -> EpochRow:
         cfg, train = self.cfg, self.dataset.train
         epoch = state.epoch
-        steps = math.ceil(len(train) / cfg.batch_size)
+        steps = num_batches(len(train), cfg.batch_size)
         order = epoch_order(len(train), cfg.seed, epoch)
         use_augment = augment is not None and (augment.random_crop_padding or augment.horizontal_flip)
         self.view.start_epoch(epoch, steps, state.batch)
