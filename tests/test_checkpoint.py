@@ -90,3 +90,15 @@ def test_check_matches_names_the_layers_that_differ():
     text = str(err.value)
     assert "missing: dense_1/kernel" in text and "not in the model: conv2d_0/bias" in text
     assert "conv2d_0/kernel: checkpoint (2, 3, 2, 2), model (4, 3, 2, 2)" in text
+
+
+def test_the_split_round_trips_and_a_checkpoint_without_one_still_loads(tmp_path):
+    split = {"dataset": "mnist_5k", "split_seed": 4, "val_fraction": 0.1, "test_fraction": 0.2}
+    assert ckpt_io.load(ckpt_io.save(tmp_path / "c.safetensors", sample(split=split))).split == split
+    from safetensors.numpy import load_file, save_file  # an older checkpoint: no "split" in its metadata
+
+    path = ckpt_io.save(tmp_path / "old.safetensors", sample())
+    meta = ckpt_io._metadata(path.read_bytes())
+    del meta["split"]
+    save_file(load_file(path), path, metadata=meta)
+    assert ckpt_io.load(path).split == {}
