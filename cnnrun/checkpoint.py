@@ -37,6 +37,8 @@ class Checkpoint:
     origin: Dict[str, Any] = field(default_factory=dict)  # framework, version, run id, dataset
     progress: Dict[str, Any] = field(default_factory=dict)  # epoch, step, best metric, patience state
     training_state: Dict[str, np.ndarray] = field(default_factory=dict)
+    # The dataset split trained on (cnnrun.data.split_record); {} in checkpoints written before it was stored.
+    split: Dict[str, Any] = field(default_factory=dict)
 
 
 def _digest(tensors: Dict[str, np.ndarray]) -> str:
@@ -66,6 +68,7 @@ def save(path: os.PathLike, ckpt: Checkpoint) -> Path:
         "std": json.dumps(list(ckpt.std)),
         "origin": json.dumps(ckpt.origin),
         "progress": json.dumps(ckpt.progress),
+        "split": json.dumps(ckpt.split),
         "sha256": _digest(tensors),
     }
     payload = to_bytes(tensors, metadata=meta)
@@ -137,6 +140,7 @@ def load(path: os.PathLike) -> Checkpoint:
             std=tuple(json.loads(meta["std"])),
             origin=json.loads(meta.get("origin", "{}")),
             progress=json.loads(meta.get("progress", "{}")),
+            split=json.loads(meta.get("split", "{}")),
         )
     except (KeyError, json.JSONDecodeError, TypeError) as err:
         raise UserError(f"checkpoint {path} has incomplete metadata ({err})") from None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cnnrun.errors import ConfigError, Problem
 from cnnrun.spec.validation import problems_from
+from cnnrun.sweep.objective import DEFAULT_OBJECTIVE, unknown_objective
 
 
 class _Group(BaseModel):
@@ -109,6 +110,19 @@ class OptimizerConfig(_Group):
     )
     clip_norm: Optional[float] = Field(default=None, gt=0.0, description="Clip gradients to this global L2 norm.")
 
+    @field_validator("nesterov")
+    @classmethod
+    def _nesterov_needs_momentum(cls, value: bool, info: ValidationInfo) -> bool:
+        # Nesterov's look-ahead is a momentum step: without momentum torch refuses it and the others quietly
+        # run plain SGD, so the three would train different things.
+        momentum = info.data.get("momentum")
+        if value and info.data.get("name") == "sgd" and momentum == 0:
+            raise ValueError(
+                f"nesterov=true needs optimizer.momentum > 0 (received momentum={momentum}); "
+                "set optimizer.momentum (e.g. 0.9) or optimizer.nesterov=false"
+            )
+        return value
+
 
 class TrainerConfig(_Group):
     epochs: int = Field(default=10, gt=0)
@@ -145,9 +159,17 @@ class TrackingConfig(_Group):
 class SweepConfig(_Group):
     """Multirun (``-m``) settings: what each job returns to the sweep, and which jobs run again."""
 
-    objective: str = Field(default="best_val_acc", description="The metric each job returns (Optuna optimizes it).")
+    objective: str = Field(default=DEFAULT_OBJECTIVE, description="The metric each job returns (Optuna optimizes it).")
     direction: Literal["maximize", "minimize"] = "maximize"
     rerun: bool = Field(default=False, description="Train a job again even if its config already FINISHED.")
+
+    @field_validator("objective")
+    @classmethod
+    def _logged_by_a_run(cls, value: str) -> str:
+        problem = unknown_objective(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class SummaryConfig(_Group):

@@ -21,10 +21,11 @@ def learning_curve(history: List[Dict], path: Path, title: str) -> Path:
     plt = _pyplot()
     epochs = [row["epoch"] + 1 for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        ax_loss.plot(epochs, [row[key] for row in history], marker="o", label=label)
-    for key, label in (("train_acc", "train"), ("val_acc", "validation")):
-        ax_acc.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    validated = all(row["val_loss"] is not None for row in history)  # no validation split: train curves only
+    for ax, kind in ((ax_loss, "loss"), (ax_acc, "acc")):
+        for split, label in (("train", "train"), ("val", "validation")):
+            if split == "train" or validated:
+                ax.plot(epochs, [row[f"{split}_{kind}"] for row in history], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):

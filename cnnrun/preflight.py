@@ -2,8 +2,8 @@
 
 The config groups and the model spec are checked by their schemas (:mod:`cnnrun.config`, :mod:`cnnrun.spec`);
 what is left is what only the surroundings can answer: is the dataset known, is the framework installed, does
-the checkpoint ``trainer.resume`` or ``checkpoint`` names exist, is the sweep objective a metric a run logs, is
-the tracking URI one MLflow understands. Each check reads the raw config (so it still runs when another group
+the checkpoint ``trainer.resume`` or ``checkpoint`` names exist, is the tracking URI one MLflow understands (the
+sweep objective is checked by its schema, :class:`cnnrun.config.SweepConfig`). Each check reads the raw config (so it still runs when another group
 is invalid) and returns :class:`Problem`s, never raises: ``task=validate`` reports them all with the schema's.
 Nothing here imports a framework, a dataset module or MLflow.
 """
@@ -111,16 +111,6 @@ def _resume_problem(resume: str) -> List[Problem]:
     return []
 
 
-def _sweep_objective(raw: Dict[str, Any]) -> List[Problem]:
-    from cnnrun.sweep.objective import METRICS
-
-    objective = _group(raw, "sweep").get("objective")
-    if not isinstance(objective, str) or objective in METRICS:
-        return []
-    return [Problem("sweep.objective", f"'{objective}' is not a metric a run logs{did_you_mean(objective, METRICS)}; "
-                                       f"allowed: {one_of(METRICS)}")]
-
-
 def _tracking_uri(raw: Dict[str, Any]) -> List[Problem]:
     tracking = _group(raw, "tracking")
     uri = tracking.get("uri")
@@ -152,6 +142,5 @@ CHECKS: List[Callable[[Dict[str, Any]], List[Problem]]] = [
     _dataset,
     _framework,
     _checkpoints,
-    _sweep_objective,
     _tracking_uri,
 ]

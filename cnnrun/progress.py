@@ -69,8 +69,8 @@ class ProgressView:
             f"{row.epoch + 1}",
             f"{row.train_loss:.4f}",
             f"{row.train_acc:.4f}",
-            f"{row.val_loss:.4f}",
-            f"{row.val_acc:.4f}",
+            "–" if row.val_loss is None else f"{row.val_loss:.4f}",
+            "–" if row.val_acc is None else f"{row.val_acc:.4f}",
             f"{row.seconds:.1f}",
             f"{row.images_per_s:,.0f}",
         )

@@ -179,6 +179,17 @@ class LearningRate:
         return plateau_update(self.schedule, PlateauState(**state), val_loss).to_dict()
 
 
+def check_schedule_can_run(schedule, dataset_cfg, validates: bool) -> None:
+    """``plateau`` follows the validation loss: refuse it, before training, for data without a validation split."""
+    from cnnrun.errors import ConfigError, Problem
+
+    if schedule.name == "plateau" and not validates:
+        raise ConfigError([Problem("schedule.name", (
+            f"'plateau' reduces the rate when the validation loss stalls, but dataset={dataset_cfg.name} has no "
+            f"validation split here (dataset.val_fraction={dataset_cfg.val_fraction}); set dataset.val_fraction > 0 "
+            "or use a schedule that needs no validation: step, multistep, exponential, cosine, onecycle"))])
+
+
 def validate_schedule(data: Dict) -> _Schedule:
     """The ``schedule`` group → its typed settings, or one ConfigError listing every problem."""
     from pydantic import ValidationError

@@ -4,6 +4,10 @@ The loop sees a :class:`~cnnrun.backends.Runner` and NumPy batches only. It sync
 ``trainer.log_every`` steps (to show live metrics and catch divergence), never every step. It checkpoints after
 each epoch, stops early on a plateau of validation loss, and on Ctrl-C, SIGTERM or ``trainer.max_time`` it
 finishes the current step, saves its full state and raises :class:`TrainingInterrupted`.
+
+Without a validation split (``dataset.val_fraction=0``) there is nothing to choose an epoch by: every epoch
+runs (no early stopping), no best checkpoint is written, no validation metric is logged, and the last epoch's
+weights are the ones tested.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from cnnrun.data import Dataset, Split
 from cnnrun.data.augment import augment_batch, mix_batch, mixes
-from cnnrun.data.pipeline import epoch_order, iterate_batches
+from cnnrun.data.pipeline import epoch_order, iterate_batches, num_batches
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
 from cnnrun.schedules import LearningRate
@@ -33,8 +37,8 @@ class EpochRow:
     epoch: int  # 0-based
     train_loss: float
     train_acc: float
-    val_loss: float
-    val_acc: float
+    val_loss: Optional[float]  # None without a validation split
+    val_acc: Optional[float]
     seconds: float
     images_per_s: float
     lr: Optional[float] = None  # the learning rate of the epoch's last step, when a schedule sets it
@@ -142,7 +146,7 @@ class Trainer:
     def _train_epoch(self, state: TrainState, stop: StopSignal, augment) -> EpochRow:
         cfg, train = self.cfg, self.dataset.train
         epoch = state.epoch
-        steps = math.ceil(len(train) / cfg.batch_size)
+        steps = num_batches(len(train), cfg.batch_size)
         order = epoch_order(len(train), cfg.seed, epoch)
         use_augment = augment is not None and augment.any
         use_mix = use_augment and mixes(augment)
@@ -175,7 +179,7 @@ class Trainer:
                     "state saved"
                 )
         state.seconds += time.perf_counter() - started
-        val_loss, val_acc, _ = evaluate(self.runner, self.dataset.val, cfg.eval_batch_size)
+        val_loss, val_acc = self._validate()
         row = EpochRow(
             epoch=epoch,
             train_loss=state.loss_sum / state.count,
@@ -190,6 +194,16 @@ class Trainer:
             self._end_epoch(state, row)
             raise TrainingInterrupted(f"stopped by {stop.reason} at the end of epoch {epoch + 1}; state saved")
         return row
+
+    @property
+    def validates(self) -> bool:
+        return len(self.dataset.val) > 0
+
+    def _validate(self) -> Tuple[Optional[float], Optional[float]]:
+        if not self.validates:
+            return None, None
+        loss, acc, _ = evaluate(self.runner, self.dataset.val, self.cfg.eval_batch_size)
+        return loss, acc
 
     def _sync(self, state: TrainState, started: float, steps: int) -> None:
         loss, acc, count = self.runner.train_metrics()
@@ -218,13 +232,13 @@ class Trainer:
         }
         if row.lr is not None:
             metrics["lr"] = row.lr
-        self.logger.log_metrics(metrics, step=row.epoch + 1)
+        self.logger.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=row.epoch + 1)
         if self.learning_rate is not None:
             state.schedule = self.learning_rate.end_epoch(state.schedule, row.val_loss)
-        improved = row.val_loss < state.best_val_loss
+        improved = row.val_loss is not None and row.val_loss < state.best_val_loss
         if improved:
             state.best_val_loss, state.best_epoch, state.bad_epochs = row.val_loss, row.epoch, 0
-        else:
+        elif row.val_loss is not None:
             state.bad_epochs += 1
         patience = self.cfg.patience
         state.stopped_early = patience is not None and state.bad_epochs >= patience

@@ -235,3 +235,15 @@ def test_a_folder_that_cannot_be_made_is_named(tmp_path):
     with pytest.raises(UserError) as err:
         ckpt_io.save(target, sample())
     assert str(err.value) == f"cannot write checkpoint {target}: File exists ({tmp_path / 'blocker'})"
+
+
+def test_the_split_round_trips_and_a_checkpoint_without_one_still_loads(tmp_path):
+    split = {"dataset": "mnist_5k", "split_seed": 4, "val_fraction": 0.1, "test_fraction": 0.2}
+    assert ckpt_io.load(ckpt_io.save(tmp_path / "c.safetensors", sample(split=split))).split == split
+    from safetensors.numpy import load_file, save_file  # an older checkpoint: no "split" in its metadata
+
+    path = ckpt_io.save(tmp_path / "old.safetensors", sample())
+    meta = ckpt_io._metadata(path.read_bytes())
+    del meta["split"]
+    save_file(load_file(path), path, metadata=meta)
+    assert ckpt_io.load(path).split == {}

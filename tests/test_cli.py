@@ -213,3 +213,15 @@ def test_progress_in_a_log_file_is_plain_lines_and_never_blank(workdir):
     assert [n for n, line in enumerate(lines) if not line.strip()] == [], result.stderr
     assert any(line.startswith("epoch 1/1  step 1/") for line in lines), result.stderr
     assert any(line.startswith("epoch 1/1  train loss ") for line in lines), result.stderr
+
+def test_nesterov_without_momentum_is_a_config_problem_reported_with_the_others(workdir):
+    result = run_cli(["task=validate", "optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true",
+                      "trainer.epochs=abc"], workdir)
+    assert_user_error(result, "the config has 2 problems", "trainer.epochs",
+                      "optimizer.nesterov: nesterov=true needs optimizer.momentum > 0 (received momentum=0.0)")
+
+
+def test_an_objective_no_run_logs_is_a_config_problem_with_the_close_name(workdir):
+    result = run_cli(["task=validate", "sweep.objective=best_val_acc"], workdir)
+    assert_user_error(result, "sweep.objective: a train run logs no metric 'best_val_acc' "
+                              "(did you mean 'kept_val_acc'?); available: 'train_loss'")

@@ -43,11 +43,11 @@ def test_failed_jobs_are_recorded_and_rerunning_the_sweep_skips_finished_jobs(wo
     # the parent's summary: counts, the best job and its metric
     assert parent.data.metrics["jobs_total"] == 4 and parent.data.metrics["jobs_failed"] == 3
     assert parent.data.tags["cnnrun.sweep.best_run_id"] == ok.info.run_id
-    assert parent.data.metrics["best_val_acc"] == ok.data.metrics["best_val_acc"]
+    assert parent.data.metrics["kept_val_acc"] == ok.data.metrics["kept_val_acc"]
     assert "| FAILED |" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params["optimizer.lr"] == "0.01,1e12"  # what the sweep varies
     # the table printed at the end, best first, failures listed under it
-    assert "best first by best_val_acc" in first.stderr and first.stderr.count(" FAILED: ") == 3
+    assert "best first by kept_val_acc" in first.stderr and first.stderr.count(" FAILED: ") == 3
     (summary,) = workdir.glob("multirun/*/*/sweep_summary.csv")
     rows = list(csv.DictReader(summary.open()))
     assert [r["status"] for r in rows] == ["FINISHED", "FAILED", "FAILED", "FAILED"]
@@ -100,6 +100,21 @@ def test_optuna_search_trials_are_child_runs(workdir, tracking_uri):
     assert parent.data.tags["cnnrun.sweep.sweeper"] == "optuna"
     assert parent.data.params["optimizer.lr"].startswith("tag(log")  # the shipped search space
     assert {c.data.params["model.layers.5.units"] for c in children} <= {"16", "32"}
-    best = max(c.data.metrics["best_val_acc"] for c in children)
-    assert parent.data.metrics["best_val_acc"] == best
+    best = max(c.data.metrics["kept_val_acc"] for c in children)
+    assert parent.data.metrics["kept_val_acc"] == best
     assert all(c.data.params["trainer.epochs"] == "1" for c in children)  # the command line beats the file
+
+
+@pytest.mark.slow
+def test_a_validation_objective_without_a_validation_split_fails_the_job_before_training(workdir, tracking_uri):
+    args = [a for a in TINY if not a.startswith("dataset.val_fraction")]
+    result = run_cli(["-m", *args, f"tracking.uri={tracking_uri}", "dataset.val_fraction=0",
+                      "sweep.objective=kept_val_acc,test_acc"], workdir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert ("sweep.objective: 'kept_val_acc' is a validation metric, but dataset=mnist_5k has no validation split "
+            "here (dataset.val_fraction=0.0); available: 'train_loss'") in result.stderr
+    _, _, children = _sweep(tracking_uri)
+    failed, trained = sorted(children, key=lambda c: int(c.data.tags["cnnrun.sweep.job"]))
+    assert failed.info.status == "FAILED" and "sweep.objective" in failed.data.tags["cnnrun.error"]
+    assert "train_loss" not in failed.data.metrics  # refused before training
+    assert trained.info.status == "FINISHED" and "kept_val_acc" not in trained.data.metrics

@@ -2,7 +2,8 @@
 
 Keras fixes its backend when it is first imported (``KERAS_BACKEND``), so this module imports Keras only when a
 runner is created, after setting ``KERAS_BACKEND`` from ``framework.backend``; a process that already imported
-Keras with another backend gets a clear error. Training goes through cnnrun's shared trainer, not ``model.fit``:
+Keras with another backend gets a clear error. The user's own Keras settings (``$KERAS_HOME/keras.json`` or
+``~/.keras/keras.json``: image_data_format, floatx, epsilon) never reach the network: see :func:`import_keras`. Training goes through cnnrun's shared trainer, not ``model.fit``:
 
 - on TensorFlow, the model runs inside the TensorFlow backend's ``tf.function`` train step (GradientTape over
   the model's variables, cnnrun's PyTorch-rule Adam/SGD), see :class:`cnnrun.backends.tensorflow.TensorFlowRunner`;
@@ -18,10 +19,12 @@ biased one).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -35,6 +38,11 @@ from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
 LAYOUT = CHANNELS_LAST
 KERAS_BACKENDS = ("tensorflow", "torch")
+# cnnrun's own KERAS_HOME, read while Keras imports: its keras.json holds Keras's defaults, so a user's
+# keras.json (channels_first, float16, another epsilon, or a value Keras refuses) never applies.
+OWN_KERAS_HOME = Path(__file__).with_name("keras_home")
+# The settings cnnrun's Keras network assumes, pinned again when Keras was imported before cnnrun's import.
+PINNED_CONFIG = {"image_data_format": "channels_last", "floatx": "float32", "epsilon": 1e-7}
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -52,12 +60,35 @@ def import_keras(backend: str):
                 f"framework.backend={backend}: Keras was already imported in this process with its {active} "
                 "backend, and Keras cannot switch backends once imported; run in a new process"
             )
-        return loaded
+        return _pinned(loaded)
     os.environ["KERAS_BACKEND"] = backend
     if backend == "tensorflow":
         import cnnrun.backends.tensorflow  # noqa: F401  (imports TensorFlow with its start-up noise filtered)
-    import keras
+    with _own_keras_home():
+        import keras
 
+    return _pinned(keras)
+
+
+@contextlib.contextmanager
+def _own_keras_home():
+    """Point KERAS_HOME at cnnrun's keras.json while Keras reads it (at import), then give the user's back."""
+    previous = os.environ.get("KERAS_HOME")
+    os.environ["KERAS_HOME"] = str(OWN_KERAS_HOME)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("KERAS_HOME", None)
+        else:
+            os.environ["KERAS_HOME"] = previous
+
+
+def _pinned(keras):
+    """Keras with cnnrun's settings, also when someone imported it before (with a keras.json of their own)."""
+    for name, value in PINNED_CONFIG.items():
+        if getattr(keras.config, name)() != value:
+            getattr(keras.config, f"set_{name}")(value)
     return keras
 
 
@@ -153,16 +184,20 @@ def custom_layers() -> SimpleNamespace:
     class BatchNormalization(keras.layers.BatchNormalization):
         """Keras's batchnorm layer (same weights and count), computed as ``(x - mean)·γ/√(var + ε) + β``.
 
-        Two changes to Keras's ``call``: the running variance is updated with the unbiased batch variance (as
+        Three changes to Keras's ``call``: the running variance is updated with the unbiased batch variance (as
         PyTorch), and the mean is subtracted before scaling. Keras's TensorFlow backend computes
         ``x·s + (β - mean·s)``, which cancels catastrophically when a channel's mean is large against its
         spread (e.g. right after the first conv): gradients of the layers before it were then 0.5 % off.
+        And the batch variance is the mean of squared deviations: ``keras.ops.moments`` on the torch backend
+        computes E[x²] − E[x]², which cancels in float32 for the same channels (at a mean/spread ratio of a few
+        thousand the loss moved by 0.2 and the running-variance update was lost).
         """
 
         def call(self, inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             if training and self.trainable:
-                mean, variance = ops.moments(x, axes=self._reduction_axes)
+                mean = ops.mean(x, axis=self._reduction_axes)
+                variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
                 n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
                 unbiased = variance * n / ops.maximum(n - 1.0, 1.0)
                 keep = self.momentum

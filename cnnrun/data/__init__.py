@@ -50,6 +50,9 @@ class Dataset:
     source: str  # where the data came from: a path, a URL or a package
     mean: Tuple[float, ...] = field(default=())  # per channel, 0..255 scale, from the train split
     std: Tuple[float, ...] = field(default=())
+    # True when the test split is carved from the same images as train and val (by SPLIT_KEYS), so a different
+    # split would test on training images; False when it is files of its own (an official test set, test/).
+    test_is_carved: bool = False
 
     def __post_init__(self) -> None:
         if not self.mean:
@@ -77,6 +80,15 @@ class Dataset:
 
     def split_sizes(self) -> Dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+# The dataset.* keys that decide which images land in train, val and test (with the dataset's name).
+SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction")
+
+
+def split_record(cfg) -> Dict[str, object]:
+    """What defines a DatasetConfig's split, as stored in checkpoints: {'dataset': name, 'split_seed': …, …}."""
+    return {"dataset": cfg.name, **{key: getattr(cfg, key) for key in SPLIT_KEYS}}
 
 
 def stratified_split(

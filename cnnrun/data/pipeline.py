@@ -15,6 +15,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batch_starts(n: int, batch_size: int) -> range:
+    """Where each batch of ``n`` samples starts: every ``batch_size``, except that a last batch of ONE sample joins
+    the batch before it (that one holds batch_size + 1).
+
+    Batch statistics of one sample are undefined: batchnorm over vectors or 1×1 maps has no variance, and PyTorch
+    raises while Chainer, TensorFlow and Keras each did something else. Merging (rather than dropping) keeps every
+    image in every epoch, in every framework alike; batch i still starts at i·batch_size, so a resumed run's
+    batch index still finds its place. A split of one sample is that one batch.
+    """
+    stop = n - 1 if n > batch_size and n % batch_size == 1 else n
+    return range(0, stop, batch_size)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return len(batch_starts(n, batch_size))
+
+
 def iterate_batches(
     split: Split,
     batch_size: int,
@@ -26,14 +43,18 @@ def iterate_batches(
     """Yield (images, labels) batches in ``order`` (or stored order), starting at batch ``start_batch``.
 
     ``augment`` is an AugmentConfig; augmentation needs ``rng`` and is applied per batch, vectorised.
+    Batches are cut by :func:`batch_starts` (a last batch of one sample joins the one before).
     """
     n = len(split)
-    for start in range(start_batch * batch_size, n, batch_size):
+    starts = batch_starts(n, batch_size)
+    for i in range(start_batch, len(starts)):
+        start = starts[i]
+        stop = starts[i + 1] if i + 1 < len(starts) else n
         if order is None:
-            images = split.images[start : start + batch_size]
-            labels = split.labels[start : start + batch_size]
+            images = split.images[start:stop]
+            labels = split.labels[start:stop]
         else:
-            idx = order[start : start + batch_size]
+            idx = order[start:stop]
             images = split.images.take(idx, axis=0)
             labels = split.labels.take(idx)
         if augment is not None and rng is not None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cnnrun.errors import did_you_mean, one_of
-from cnnrun.spec.shapes import output_size
+from cnnrun.spec.shapes import empty_window, output_size
 
 Shape = Tuple[int, ...]
 Pair = Tuple[int, int]
@@ -150,7 +150,20 @@ class _Pool(_Window):
 
     def output_shape(self, in_shape):
         _require_3d(in_shape, self.type)
+        self._check_windows_hold_real_cells(in_shape)
         return (in_shape[0], *self.spatial_output(in_shape))
+
+    def _check_windows_hold_real_cells(self, in_shape: Shape) -> None:
+        """A window over padding only has no max and no mean: the layer would output NaN or -inf."""
+        pads = (self.padding, self.padding) if isinstance(self.padding, str) else self.padding
+        for axis, n, k, s, p in zip(("height", "width"), in_shape[1:], self.size, self.strides, pads):
+            which = empty_window(n, k, s, p)
+            if which is not None:
+                raise ShapeProblem(
+                    f"padding {p} on the {axis} axis (size {k}, stride {s}, input {n}) leaves the {which} window "
+                    f"with padding only; every pooling window must cover a real cell, so padding must be smaller "
+                    f"than size ({k}) on that axis, or use padding: same"
+                )
 
     def flops(self, in_shape, out_shape):
         return self.size[0] * self.size[1] * _numel(out_shape)

@@ -38,3 +38,23 @@ def pad_amounts(n: int, kernel: int, stride: int, padding: Padding) -> Tuple[int
         total = max((out - 1) * stride + kernel - n, 0)
         return (total // 2, total - total // 2)
     return (int(padding), int(padding))
+
+
+def empty_window(n: int, kernel: int, stride: int, padding: Padding) -> str | None:
+    """Which window ('first' or 'last') covers padding only, or None when every window holds a real cell.
+
+    Windows cover [i·s − before, i·s − before + k − 1] of the ``n`` real cells [0, n − 1]. One in the middle can
+    only be empty if the first (all left of 0) or the last (all right of n − 1) is, even with a stride larger
+    than the window, so these two decide. A pooling has no value for such a window (max of -inf, mean of
+    nothing). 'same' padding never makes one: it pads less than a window before, and its last window starts
+    at (out − 1)·s − before < n.
+    """
+    before, _ = pad_amounts(n, kernel, stride, padding)
+    out = output_size(n, kernel, stride, padding)
+    if out <= 0:
+        return None  # no windows at all: the empty output is reported on its own
+    if kernel - 1 - before < 0:
+        return "first"
+    if (out - 1) * stride - before > n - 1:
+        return "last"
+    return None

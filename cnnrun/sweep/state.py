@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from cnnrun.sweep.objective import DEFAULT_OBJECTIVE
+
 STATE_DIR = ".cnnrun"
 
 
@@ -21,7 +23,7 @@ class SweepState:
     parent_run_id: Optional[str]  # None: tracking is off for this sweep
     tracking_uri: str
     experiment: str
-    objective: str = "best_val_acc"
+    objective: str = DEFAULT_OBJECTIVE
     direction: str = "maximize"
     sweeper: str = "basic"
     launcher: str = "basic"

@@ -11,7 +11,7 @@ import numpy as np
 
 import cnnrun
 from cnnrun import checkpoint as ckpt_io
-from cnnrun.data import Dataset, load_dataset
+from cnnrun.data import Dataset, load_dataset, split_record
 from cnnrun.errors import UserError
 from cnnrun.metrics import confusion_matrix, summarise
 from cnnrun.spec import fmt_shape
@@ -75,6 +75,7 @@ def make_checkpoint(ctx, runner, dataset: Dataset, origin: Dict, progress: Dict,
         origin=origin,
         progress=progress,
         training_state=runner.get_training_state() if training_state else {},
+        split=split_record(ctx.cfg.dataset),
     )
 
 

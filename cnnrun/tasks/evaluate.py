@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
+from cnnrun.data import Dataset, split_record
 from cnnrun.errors import UserError
 from cnnrun.metrics import softmax
 from cnnrun.predictor import batches
@@ -38,6 +39,7 @@ def run(ctx) -> float:
     _check_dataset_config(cfg.dataset, ckpt, path)
     ctx = dataclasses.replace(ctx, compiled=compiled)  # tags, titles and reports name the checkpoint's model
     dataset = load_data(ctx)
+    _check_split(cfg.dataset, dataset, ckpt, path)
     if tuple(dataset.class_names) != tuple(ckpt.class_names):
         raise UserError(
             f"checkpoint {path} was trained on classes {_names(ckpt.class_names)} but dataset={dataset.name} has "
@@ -75,6 +77,27 @@ def _check_dataset_config(dataset_cfg, ckpt: ckpt_io.Checkpoint, path: Path) -> 
             f"checkpoint {path} expects " + " and ".join(problems) + "; choose the dataset it was trained on "
             "(its origin: " + ", ".join(f"{k}={v}" for k, v in ckpt.origin.items() if k in ("dataset", "framework"))
             + ")"
+        )
+
+
+def _check_split(dataset_cfg, dataset: Dataset, ckpt: ckpt_io.Checkpoint, path: Path) -> None:
+    """Refuse a test split carved differently from training's: it would hold images the model trained on."""
+    trained = ckpt.split
+    if not trained:  # written before checkpoints stored their split: nothing to compare
+        console.print(f"[yellow]checkpoint {path} does not record its dataset split; make sure dataset.split_seed "
+                      "and the fractions are the ones it was trained with[/]")
+        return
+    if not dataset.test_is_carved or trained.get("dataset") != dataset.name:
+        return  # a test split of its own files (or another dataset): training's split cannot leak into it
+    here = split_record(dataset_cfg)
+    differ = [key for key in here if key != "dataset" and key in trained and trained[key] != here[key]]
+    if differ:
+        given = ", ".join(f"dataset.{key}={here[key]}" for key in differ)
+        wanted = " ".join(f"dataset.{key}={trained[key]}" for key in differ)
+        raise UserError(
+            f"checkpoint {path} was trained on a different split of dataset={dataset.name} than {given} makes; "
+            f"its test split is carved from the same images, so it would test on training images. "
+            f"Evaluate with {wanted}"
         )
 
 

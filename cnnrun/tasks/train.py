@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import Dict
 
 import yaml
 
@@ -14,9 +15,9 @@ from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.plots import learning_curve
 from cnnrun.progress import ProgressView, console
 from cnnrun.resume import load_for_resume
-from cnnrun.schedules import LearningRate
+from cnnrun.schedules import LearningRate, check_schedule_can_run
 from cnnrun.summary import summary_json, summary_text
-from cnnrun.sweep.objective import job_result
+from cnnrun.sweep.objective import check_objective_is_logged, job_result
 from cnnrun.sweep.resume import skip_finished
 from cnnrun.tasks.common import (
     ending_run, load_data, make_checkpoint, report_test, run_name, run_tags, write_text,
@@ -26,12 +27,14 @@ from cnnrun.tracking import start_run
 
 
 def run(ctx) -> float:
-    """Train; return the objective for sweeps (best validation accuracy)."""
+    """Train; return the objective for sweeps (sweep.objective)."""
     cfg = ctx.cfg
     skipped = skip_finished(ctx)  # a sweep job whose config already has a FINISHED run: its objective, no training
     if skipped is not None:
         return skipped
     dataset = load_data(ctx)
+    check_objective_is_logged(cfg, validates=len(dataset.val) > 0)
+    check_schedule_can_run(ctx.schedule, cfg.dataset, validates=len(dataset.val) > 0)
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
         ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std,
@@ -96,12 +99,12 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         ) from None
     finally:
         view.close()
-    if cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists():
+    restored = cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists()
+    if restored:
         runner.set_weights(ckpt_io.load(checkpoints / "best.safetensors").weights)
     title = f"{ctx.compiled.name} / {cfg.framework.name}"
     test = report_test(ctx, runner, dataset, logger, title)
-    best_val_acc = max(row["val_acc"] for row in state.history)
-    logger.log_metrics({"best_val_acc": best_val_acc, "best_epoch": state.best_epoch + 1})
+    logger.log_metrics(kept_epoch_metrics(state, restored))
     final = ckpt_io.save(
         out / "model.safetensors",
         make_checkpoint(ctx, runner, dataset, origin, state.to_dict(), training_state=False),
@@ -113,7 +116,17 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         f"test accuracy [bold]{test['test_acc']:.4f}[/] (loss {test['test_loss']:.4f}); "
         f"checkpoint {final}; outputs in {out}"
     )
-    return job_result(ctx, logger, best_val_acc)  # sweep.objective (default: best_val_acc)
+    return job_result(ctx, logger)  # sweep.objective (default: kept_val_acc)
+
+
+def kept_epoch_metrics(state: TrainState, restored_best: bool) -> Dict[str, float]:
+    """kept_epoch (1-based) and its validation metrics: the epoch whose weights are tested and saved as the model
+    (the best by validation loss when they were restored, else the last), never another epoch's best value.
+    Without a validation split, kept_epoch only."""
+    kept = state.best_epoch if restored_best else state.history[-1]["epoch"]
+    row = next(r for r in state.history if r["epoch"] == kept)
+    metrics = {"kept_epoch": kept + 1, "kept_val_loss": row["val_loss"], "kept_val_acc": row["val_acc"]}
+    return {k: v for k, v in metrics.items() if v is not None}
 
 
 OUT_OF_MEMORY_MARKS = ("out of memory", "can't allocate memory", "failed to allocate", "oom when allocating")

@@ -71,6 +71,15 @@ def test_every_framework_reproduces_the_test_accuracy(trained, framework_args):
     assert abs(evaluated_acc - trained_acc) * TEST_IMAGES <= 1 + 1e-9
 
 
+@pytest.mark.slow
+def test_the_checkpoint_records_its_split_and_eval_refuses_another(trained):
+    workdir, _, checkpoint, _ = trained
+    assert ckpt_io.load(checkpoint).split == {"dataset": "mnist_5k", "split_seed": 0, "val_fraction": 0.1,
+                                              "test_fraction": 0.2}
+    result = _eval([f"checkpoint={checkpoint}", "dataset.split_seed=7"], workdir)
+    assert result.returncode == 2 and "Evaluate with dataset.split_seed=0" in result.stderr, result.stderr
+
+
 # --------------------------------------------------------------------------------------------------- mistakes
 
 
@@ -88,6 +97,38 @@ def test_eval_of_a_missing_file(workdir):
     result = _eval([f"checkpoint={workdir / 'nope.safetensors'}"], workdir)
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def _save_mnist_5k_checkpoint(path: Path, split) -> Path:
+    model = compile_model({"name": "tiny", "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]},
+                          (1, 28, 28), 10)
+    ckpt_io.save(path, ckpt_io.Checkpoint(
+        weights=initial_weights(model, 0), spec=model.spec, input_shape=(1, 28, 28),
+        class_names=tuple(str(d) for d in range(10)), mean=(33.0,), std=(78.0,),
+        origin={"framework": "torch", "dataset": "mnist_5k"}, split=split,
+    ))
+    return path
+
+
+def test_eval_on_another_carved_split_than_training_is_refused(workdir):
+    trained_on = {"dataset": "mnist_5k", "split_seed": 3, "val_fraction": 0.1, "test_fraction": 0.25}
+    path = _save_mnist_5k_checkpoint(workdir / "split.safetensors", trained_on)
+    result = _eval([f"checkpoint={path}", "dataset.test_fraction=0.2"], workdir)  # split_seed: 0 by default
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "than dataset.split_seed=0, dataset.test_fraction=0.2 makes" in result.stderr
+    assert "it would test on training images. Evaluate with dataset.split_seed=3 dataset.test_fraction=0.25" \
+        in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [{"dataset": "mnist_5k", "split_seed": 3, "val_fraction": 0.1,
+                                    "test_fraction": 0.2}, {}], ids=["same-split", "older-checkpoint"])
+def test_eval_with_the_training_split_or_of_an_older_checkpoint_runs(workdir, split):
+    path = _save_mnist_5k_checkpoint(workdir / "split.safetensors", split)
+    result = _eval([f"checkpoint={path}", "dataset.split_seed=3", "trainer.progress=false"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("does not record its dataset split" in result.stdout + result.stderr) == (not split)
 
 
 def _save_cifar_like_checkpoint(path: Path, spec=None) -> Path:

@@ -70,6 +70,7 @@ def test_missing_val_is_carved_from_train(tmp_path, make_cfg):
     _tree(tmp_path / "d" / "test", per_class=2)
     ds = load_dataset(_cfg(make_cfg, tmp_path / "d", val_fraction=0.3, test_fraction=0.5))
     assert ds.split_sizes() == {"train": 21, "val": 9, "test": 6}  # test_fraction unused: test/ exists
+    assert not ds.test_is_carved  # so task=eval need not hold the split keys to training's
 
 
 def test_train_only_carves_both(tmp_path, make_cfg):

@@ -7,7 +7,7 @@ import pytest
 
 from cnnrun.config import AugmentConfig
 from cnnrun.data import Split
-from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches
+from cnnrun.data.pipeline import augment_batch, epoch_order, iterate_batches, num_batches
 
 
 def _split(n: int = 10, h: int = 4, w: int = 5, c: int = 2) -> Split:
@@ -33,8 +33,8 @@ def test_batches_in_stored_order_with_a_short_last_batch():
 
 
 def test_batches_follow_an_order_and_resume_mid_epoch():
-    split = _split(10)
-    order = epoch_order(10, seed=0, epoch=2)
+    split = _split(11)
+    order = epoch_order(11, seed=0, epoch=2)
     full = list(iterate_batches(split, 3, order=order))
     np.testing.assert_array_equal(np.concatenate([labels for _, labels in full]), order)
     for images, labels in full:
@@ -44,6 +44,18 @@ def test_batches_follow_an_order_and_resume_mid_epoch():
     for (a, la), (b, lb) in zip(full[2:], resumed):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
+
+
+@pytest.mark.parametrize("n,size,expected", [(9, 4, [4, 5]), (10, 3, [3, 3, 4]), (5, 2, [2, 3]), (1, 4, [1]),
+                                             (4, 1, [1, 1, 1, 1]), (8, 4, [4, 4]), (6, 4, [4, 2])])
+def test_a_last_batch_of_one_image_joins_the_batch_before(n, size, expected):
+    split = _split(n)
+    order = epoch_order(n, seed=1, epoch=0)
+    batches = list(iterate_batches(split, size, order=order))
+    assert [len(labels) for _, labels in batches] == expected and num_batches(n, size) == len(expected)
+    np.testing.assert_array_equal(np.concatenate([labels for _, labels in batches]), order)  # every image, once
+    resumed = list(iterate_batches(split, size, order=order, start_batch=len(expected) - 1))
+    np.testing.assert_array_equal(resumed[0][1], batches[-1][1])  # a resumed run's last batch is the same
 
 
 def test_no_augmentation_without_an_rng():

@@ -247,3 +247,57 @@ def test_the_resolved_spec_leaves_out_unset_options():
     spec = compile_layers([{"type": "flatten"}, {"type": "dense", "units": 10}]).spec
     assert spec["name"] == "t" and "description" not in spec
     assert all(None not in layer.values() and "name" not in layer for layer in spec["layers"])
+
+
+@pytest.mark.parametrize(
+    "pool,axis,which",
+    [
+        ({"type": "maxpool", "size": 2, "stride": 2, "padding": 2}, "height", "first"),
+        ({"type": "avgpool", "size": 1, "padding": 1}, "height", "first"),
+        ({"type": "maxpool", "size": 1, "stride": 3, "padding": [0, 1]}, "width", "first"),
+        ({"type": "avgpool", "size": [3, 2], "stride": 5, "padding": [2, 2]}, "width", "first"),
+    ],
+)
+def test_pool_padding_that_leaves_a_window_without_real_cells_is_refused(pool, axis, which):
+    (found,) = problems([{"type": "conv2d", "filters": 2, "kernel": 1}, pool, {"type": "flatten"},
+                         {"type": "dense", "units": 10}], (1, 4, 4))
+    assert found.startswith(f"model.layers[1]: ({pool['type']}) padding ")
+    assert f"on the {axis} axis" in found and f"leaves the {which} window with padding only" in found
+    assert "padding must be smaller than size" in found and found.endswith("shapes so far 1×4×4 -> 2×4×4")
+
+
+def test_pool_padding_inside_a_residual_body_is_refused_too():
+    found = problems([{"type": "residual", "layers": [{"type": "maxpool", "size": 1, "stride": 1, "padding": 1}]},
+                      {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 4, 4))
+    assert found and found[0].startswith("model.layers[0].layers[0]: (maxpool) padding 1 on the height axis")
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"type": "maxpool", "size": 2, "stride": 2, "padding": 1},
+        {"type": "avgpool", "size": 3, "stride": 5, "padding": 2},  # stride > size, padding < size
+        {"type": "maxpool", "size": 2, "stride": 3, "padding": "same"},
+        {"type": "avgpool", "size": 1, "stride": 3, "padding": "same"},
+    ],
+)
+def test_pool_padding_smaller_than_the_window_compiles(pool):
+    compile_layers([pool, {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 4, 4))
+
+
+def test_empty_window_checks_the_first_and_the_last_window_of_every_pooling_geometry():
+    from cnnrun.spec.shapes import empty_window, output_size, pad_amounts
+
+    for n in range(1, 9):
+        for k in range(1, 5):
+            for s in range(1, 6):
+                for p in [*range(0, 6), "same", "valid"]:
+                    out = output_size(n, k, s, p)
+                    if out <= 0:
+                        continue
+                    before, _ = pad_amounts(n, k, s, p)
+                    starts = [i * s - before for i in range(out)]
+                    empty = [st for st in starts if st + k - 1 < 0 or st > n - 1]
+                    assert (empty_window(n, k, s, p) is not None) == bool(empty), (n, k, s, p)
+                    if p in ("same", "valid"):
+                        assert not empty

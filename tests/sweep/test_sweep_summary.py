@@ -37,7 +37,7 @@ def test_counts_varying_overrides_and_texts():
     assert "| 2 | optimizer.lr=0.003 | SKIPPED | 0.9500 |" in markdown
     assert "[cccccccc](#/experiments/7/runs/" + "c" * 32 + ")" in markdown
     assert "training diverged at step 3" in markdown  # one line per cell
-    assert s.csv().splitlines()[0] == "job,overrides,status,best_val_acc,test_acc,run,error"
+    assert s.csv().splitlines()[0] == "job,overrides,status,kept_val_acc,test_acc,run,error"
     assert s.errors() == ["job 1 FAILED: training diverged at step 3"]
     assert one_line("x" * 400).endswith("…") and len(one_line("x" * 400)) == 300
 

@@ -147,3 +147,12 @@ def test_bad_recipe_settings_are_reported_together(workdir):
     for key in ("schedule.warmup_epochs", "optimizer.clip_norm", "trainer.label_smoothing", "optimizer.name"):
         assert key in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_plateau_without_a_validation_split_is_refused_before_training(workdir, tracking_uri):
+    result = run_cli(TINY + [f"tracking.uri={tracking_uri}", "schedule=plateau", "dataset.val_fraction=0"], workdir)
+    assert result.returncode == 2, result.stderr
+    assert "schedule.name: 'plateau' reduces the rate when the validation loss stalls" in result.stderr
+    assert "Traceback" not in result.stderr
+    _, runs = mlflow_runs(tracking_uri)
+    assert runs == []

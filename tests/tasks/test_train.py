@@ -146,3 +146,95 @@ def test_out_of_memory_suggests_a_smaller_batch(workdir, tracking_uri):
     assert "Traceback" not in result.stderr
     _, (run,) = mlflow_runs(tracking_uri)
     assert run.info.status == "FAILED"
+
+
+def test_kept_epoch_metrics_describe_the_tested_weights_not_the_best_accuracy():
+    from cnnrun.tasks.train import kept_epoch_metrics
+    from cnnrun.trainer import TrainState
+
+    history = [{"epoch": 0, "val_loss": 0.50, "val_acc": 0.80}, {"epoch": 1, "val_loss": 0.40, "val_acc": 0.79},
+               {"epoch": 2, "val_loss": 0.60, "val_acc": 0.85}]
+    state = TrainState(epoch=3, best_epoch=1, best_val_loss=0.40, history=history)
+    assert kept_epoch_metrics(state, restored_best=True) == {"kept_epoch": 2, "kept_val_loss": 0.40,
+                                                             "kept_val_acc": 0.79}
+    assert kept_epoch_metrics(state, restored_best=False) == {"kept_epoch": 3, "kept_val_loss": 0.60,
+                                                              "kept_val_acc": 0.85}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_the_logged_objective_is_the_kept_epochs(workdir, tracking_uri, restore_best):
+    from cnnrun.sweep.objective import RUN_METRICS
+    from tests.tiny import TINY
+
+    args = [a for a in TINY if not a.startswith("trainer.epochs")]
+    result = run_cli([*args, "trainer.epochs=3", "trainer.patience=null", f"trainer.restore_best={restore_best}",
+                      "optimizer.lr=0.01", f"tracking.uri={tracking_uri}"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, (run,) = mlflow_runs(tracking_uri)
+    metrics = run.data.metrics
+    assert set(metrics) == set(RUN_METRICS)  # what sweep.objective may name is what a run logs
+    val_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    val_acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_acc")}
+    kept = min(val_loss, key=val_loss.get) if restore_best else 3
+    assert metrics["kept_epoch"] == kept
+    assert metrics["kept_val_loss"] == val_loss[kept] and metrics["kept_val_acc"] == val_acc[kept]
+
+
+class _RecordingLogger:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+
+def test_without_a_validation_split_every_epoch_runs_and_nothing_is_nan():
+    """dataset.val_fraction=0: no early stopping, no best checkpoint, no validation metric, nothing NaN."""
+    from types import SimpleNamespace
+
+    from cnnrun.backends import TorchOptions, create_runner
+    from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
+    from cnnrun.data import Dataset, Split, load_dataset
+    from cnnrun.progress import ProgressView
+    from cnnrun.spec import compile_model
+    from cnnrun.trainer import Trainer
+
+    data = load_dataset(SimpleNamespace(name="mnist_5k", val_fraction=0.0, test_fraction=0.2, split_seed=0,
+                                        num_classes=10))
+    assert len(data.val) == 0
+    train = Split(data.train.images[:200], data.train.labels[:200])
+    dataset = Dataset("no_val", train, data.val, data.test, data.class_names, "test")
+    model = compile_model({"name": "t", "layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]},
+                          (1, 28, 28), 10)
+    runner = create_runner("torch", model, OptimizerConfig(name="adam", lr=1e-3), TorchOptions(),
+                           DeviceConfig(name="cpu"), 0, dataset.mean, dataset.std)
+    saved, logger = [], _RecordingLogger()
+    trainer = Trainer(runner, dataset, TrainerConfig(epochs=3, patience=1, batch_size=64, progress=False), logger,
+                      ProgressView(False, 3), lambda kind, state: saved.append((kind, state.epoch)))
+    state = trainer.fit()
+    assert state.epoch == 3 and not state.stopped_early and state.best_epoch == -1
+    assert saved == [("last", 1), ("last", 2), ("last", 3)]
+    assert [step for step, _ in logger.logged] == [1, 2, 3]
+    for _, metrics in logger.logged:
+        assert set(metrics) == {"train_loss", "train_acc", "epoch_seconds", "images_per_s"}
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert all(row["val_loss"] is None and row["val_acc"] is None for row in state.history)
+
+
+@pytest.mark.slow
+def test_training_without_a_validation_split_tests_the_last_epoch(workdir, tracking_uri):
+    from tests.tiny import TINY
+
+    args = [a for a in TINY if not a.startswith(("trainer.epochs", "dataset.val_fraction"))]
+    result = run_cli([*args, "dataset.val_fraction=0", "trainer.epochs=2", "trainer.patience=1",
+                      f"tracking.uri={tracking_uri}"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, (run,) = mlflow_runs(tracking_uri)
+    metrics = run.data.metrics
+    assert not any(key.startswith(("val_", "kept_val_")) for key in metrics), metrics
+    assert metrics["kept_epoch"] == 2 and all(np.isfinite(v) for v in metrics.values())
+    (out,) = workdir.glob("outputs/*/*/")
+    assert not (out / "checkpoints" / "best.safetensors").exists()
+    assert (out / "learning_curve.png").is_file()
+    assert ckpt_io.load(out / "model.safetensors").progress["epoch"] == 2

@@ -21,7 +21,7 @@ def test_sweep_through_a_server_on_postgresql(workdir, postgres_uri, mlflow_serv
     assert {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["info"]["run_id"]}
     assert {c["tags"]["cnnrun.sweep.job"] for c in children} == {"0", "1"}
     assert parent["tags"]["cnnrun.sweep.best_run_id"] in {c["info"]["run_id"] for c in children}
-    assert parent["metrics"]["best_val_acc"] == max(c["metrics"]["best_val_acc"] for c in children)
+    assert parent["metrics"]["kept_val_acc"] == max(c["metrics"]["kept_val_acc"] for c in children)
     # the database really is PostgreSQL: MLflow's tables are there
     import psycopg2
 

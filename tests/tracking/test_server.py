@@ -25,7 +25,7 @@ def test_training_through_a_tracking_server_is_read_back_over_rest(workdir, mlfl
     assert exp["tags"] and {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == \
         "custom_model_development"
     assert run["info"]["status"] == "FINISHED"
-    assert {"val_acc", "test_acc", "best_val_acc"} <= set(run["metrics"])
+    assert {"val_acc", "test_acc", "kept_val_acc"} <= set(run["metrics"])
     assert run["params"]["model.layers.0.filters"] == "4" and run["tags"]["cnnrun.framework"] == "torch"
     history = rest(server.url, f"metrics/get-history?run_id={run['info']['run_id']}&metric_key=val_acc")
     assert [m["step"] for m in history["metrics"]] == [1]

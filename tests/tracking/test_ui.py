@@ -75,22 +75,22 @@ def test_ui_shows_the_sweep_its_runs_metrics_and_plots(workdir, mlflow_server, b
     for child in children:
         page.get_by_text(child.info.run_name).first.wait_for()
     page.get_by_role("button", name="Columns").click()
-    for metric in ("best_val_acc", "test_acc"):
+    for metric in ("kept_val_acc", "test_acc"):
         page.get_by_text(metric, exact=True).first.click()
     page.keyboard.press("Escape")
     header = page.locator(".ag-header")
-    header.get_by_text("best_val_acc").first.wait_for()
+    header.get_by_text("kept_val_acc").first.wait_for()
     page.screenshot(path=shots / "experiment_runs.png")
     table = page.locator(".ag-center-cols-container, .ag-body").first.inner_text()
     for child in children:
-        assert f"{child.data.metrics['best_val_acc']:.3f}"[:4] in table  # values shown, whatever their rounding
+        assert f"{child.data.metrics['kept_val_acc']:.3f}"[:4] in table  # values shown, whatever their rounding
 
     # the best child's run page: metrics, and its parent run
     page.goto(f"{server.url}/#/experiments/{experiment}/runs/{best.info.run_id}?{ML_VIEW}", wait_until="load")
     page.get_by_text("Parent run").first.wait_for()
     _close_assistant(page)
     page.get_by_role("link", name=parent.info.run_name).first.wait_for()
-    for metric in ("best_val_acc", "test_acc", "val_loss"):
+    for metric in ("kept_val_acc", "test_acc", "val_loss"):
         page.get_by_text(metric, exact=True).first.wait_for()
     page.get_by_text("Logged models").first.wait_for()
     page.screenshot(path=shots / "run_overview.png", full_page=True)
