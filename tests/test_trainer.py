@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cnnrun.config import AugmentConfig, TrainerConfig
+from cnnrun.data import Dataset, Split
 from cnnrun.data.pipeline import epoch_order
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.metrics import summarise
@@ -336,3 +337,14 @@ def test_a_per_batch_schedule_sets_the_rate_before_every_step():
     assert steps == tuple(range(2 * STEPS)) and rates[0] == 0.5
     assert all(a > b > 0 for a, b in zip(rates, rates[1:]))
     assert fit.state.history[1]["lr"] == rates[-1]
+
+
+def test_without_a_validation_split_every_epoch_runs_and_only_last_is_kept():
+    data = quadrant_dataset()
+    no_val = Dataset(data.name, data.train, Split(data.val.images[:0], data.val.labels[:0]), data.test,
+                     data.class_names, data.source)
+    fit = _fit(epochs=3, patience=1, dataset=no_val)
+    assert [(row["val_loss"], row["val_acc"]) for row in fit.state.history] == [(None, None)] * 3
+    assert (fit.state.epoch, fit.state.best_epoch, fit.state.bad_epochs, fit.state.stopped_early) == (3, -1, 0, False)
+    assert [kind for kind, _, _ in fit.saved] == ["last"] * 3
+    assert all("val_loss" not in metrics and "val_acc" not in metrics for _, metrics in fit.logger.calls)
