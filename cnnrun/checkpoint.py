@@ -116,9 +116,9 @@ def load(path: os.PathLike) -> Checkpoint:
         data = path.read_bytes()
     except OSError as err:
         raise UserError(f"checkpoint {path} cannot be read: {err.strerror}") from None
-    try:
-        tensors = from_bytes(data)
+    try:  # the header first: a truncated file is named as such, before safetensors reports it in its own words
         meta = _metadata(data)
+        tensors = from_bytes(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as err:
         raise UserError(
             f"checkpoint {path} is not a cnnrun checkpoint or is damaged (truncated or not safetensors: {err})"

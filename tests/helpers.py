@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import glob
 import importlib.util
@@ -61,3 +62,18 @@ def mlflow_runs(uri: str, experiment: str = "cnnrun"):
     if exp is None:
         return client, []
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def composed_config(overrides: List[str] = ()) -> Dict:
+    """The shipped config composed by Hydra, as plain data, like the CLI's (without its ``hydra`` section)."""
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple) -> Dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

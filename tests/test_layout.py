@@ -151,18 +151,31 @@ def test_channels_first_is_the_identity_as_float32_copies():
         np.testing.assert_array_equal(out[name], value.astype(np.float32))
 
 
-def test_a_subset_converts_like_the_full_set():
-    """Optimizer slots exist for trainable tensors only (no running statistics, maybe no biases)."""
+@pytest.mark.parametrize("suffixes", [("kernel", "gamma"), ("bias", "beta", "moving_mean", "moving_variance")])
+def test_a_subset_converts_like_the_full_set(suffixes):
+    """Optimizer slots exist for trainable tensors only (no running statistics, maybe no biases or no kernels)."""
     model = _model()
     weights = _random_weights(model)
     full = from_canonical(model, weights, CHANNELS_LAST)
-    subset = {k: v for k, v in weights.items() if k.endswith(("kernel", "gamma"))}
+    subset = {k: v for k, v in weights.items() if k.endswith(suffixes)}
     partial = from_canonical(model, subset, CHANNELS_LAST)
     assert set(partial) == set(subset)
     for name in subset:
         np.testing.assert_array_equal(partial[name], full[name], err_msg=name)
-    np.testing.assert_array_equal(to_canonical(model, partial, CHANNELS_LAST)["dense_5/kernel"],
-                                  weights["dense_5/kernel"])
+    back = to_canonical(model, partial, CHANNELS_LAST)
+    for name in subset:
+        np.testing.assert_array_equal(back[name], weights[name], err_msg=name)
+
+
+def test_batchnorm_on_a_feature_map_keeps_its_channel_order():
+    """Only a batchnorm fed by a flatten is permuted; on a C×H×W map its vectors are per channel in any layout."""
+    spec = {"name": "bn", "layers": [{"type": "conv2d", "filters": 3, "kernel": 3}, {"type": "batchnorm"},
+                                     {"type": "flatten"}, {"type": "dense", "units": 2}]}
+    model = compile_model(spec, (1, 5, 5), 2)
+    weights = _random_weights(model)
+    native = from_canonical(model, weights, CHANNELS_LAST)
+    for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+        np.testing.assert_array_equal(native[f"batchnorm_1/{name}"], weights[f"batchnorm_1/{name}"])
 
 
 def test_flatten_permutation_of_the_output():
@@ -173,6 +186,13 @@ def test_flatten_permutation_of_the_output():
     perm = flatten_permutation(model)
     x = np.random.default_rng(0).normal(size=(5, 1, 2))
     np.testing.assert_array_equal(x.transpose(1, 2, 0).reshape(-1)[perm], x.reshape(-1))
+
+
+def test_no_flatten_means_no_output_permutation():
+    """Global pooling ends in a per-channel vector, the same in both layouts."""
+    spec = {"name": "gap", "layers": [{"type": "conv2d", "filters": 10, "kernel": 3}, {"type": "global_avgpool"},
+                                      {"type": "softmax"}]}
+    assert flatten_permutation(compile_model(spec, (1, 6, 6), 10)) is None
 
 
 TF_CHECK = textwrap.dedent(

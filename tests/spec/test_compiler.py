@@ -125,6 +125,130 @@ def test_every_layer_type_has_a_spec_class_with_a_type_default():
         assert cls.model_fields["type"].default == name
 
 
+def test_a_problem_inside_a_residual_body_names_its_nested_key():
+    found = problems([{"type": "conv2d", "filters": 4, "kernel": 3},
+                      {"type": "residual", "layers": [{"type": "maxpool", "size": 30}]},
+                      {"type": "flatten"}, {"type": "dense", "units": 10}])
+    assert found == ["model.layers[1].layers[0]: (maxpool) output would be 4×0×0 for an input of 4×26×26; "
+                     "shapes so far 1×28×28 -> 4×26×26"]
+
+
+def test_residual_on_a_vector_is_refused():
+    (found,) = problems([{"type": "flatten"}, {"type": "residual", "layers": [{"type": "dropout", "rate": 0.1}]},
+                         {"type": "dense", "units": 10}])
+    assert found == "model.layers[1]: (residual) residual needs a C×H×W feature map; shapes so far 1×28×28 -> 784"
+
+
+def test_an_unprojectable_residual_names_the_shortcut_stride_per_axis():
+    (found,) = problems([{"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 3,
+                                                           "stride": [2, 1]}]},
+                         {"type": "flatten"}, {"type": "dense", "units": 10}])
+    assert "a 1×1 stride 2×1 shortcut cannot match (4×14×28)" in found
+
+
+@pytest.mark.parametrize(
+    "body,stride",
+    [
+        ([{"type": "conv2d", "filters": 4, "kernel": 3, "stride": [2, 1], "padding": "same"}], (2, 1)),
+        ([{"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same"}, {"type": "maxpool", "size": 2}], (2, 2)),
+        ([{"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 1, "stride": [1, 2]}]},
+          {"type": "avgpool", "size": [2, 1]}], (2, 2)),
+    ],
+    ids=["conv", "pool", "nested"],
+)
+def test_the_shortcut_stride_is_the_product_of_the_body_strides(body, stride):
+    model = compile_layers([{"type": "residual", "layers": body}, {"type": "flatten"}, {"type": "dense", "units": 10}],
+                           (2, 8, 8))
+    shortcut = model.layers[0].shortcut
+    assert shortcut.spec.stride == stride and shortcut.out_shape == model.layers[0].out_shape
+    assert shortcut.name == "residual_0/shortcut" and shortcut.pads == ((0, 0), (0, 0))
+
+
+def test_explicit_padding_per_axis():
+    model = compile_layers([{"type": "conv2d", "filters": 2, "kernel": 3, "padding": [1, 2]},
+                            {"type": "flatten"}, {"type": "dense", "units": 10}])
+    assert model.layers[0].pads == ((1, 1), (2, 2)) and model.layers[0].out_shape == (2, 28, 30)
+
+
+@pytest.mark.parametrize(
+    "layers,expected",
+    [
+        # conv → flatten → dense: the dense indexes the C×H×W it was flattened from
+        ([{"type": "conv2d", "filters": 2, "kernel": 3}, {"type": "flatten"}, {"type": "dense", "units": 10}],
+         [None, None, (2, 26, 26)]),
+        # a batchnorm on the input map is per channel; so is everything after global pooling
+        ([{"type": "batchnorm"}, {"type": "conv2d", "filters": 10, "kernel": 3}, {"type": "global_avgpool"},
+          {"type": "dense", "units": 10}], [None, None, None, None]),
+        # dropout and activation pass the flattened order through; batchnorm uses it and passes it on; dense ends it
+        ([{"type": "flatten"}, {"type": "dropout", "rate": 0.1}, {"type": "activation", "fn": "relu"},
+          {"type": "batchnorm"}, {"type": "dense", "units": 12}, {"type": "dense", "units": 10}],
+         [None, None, None, (1, 28, 28), (1, 28, 28), None]),
+    ],
+    ids=["dense", "per-channel", "pass-through"],
+)
+def test_only_layers_fed_by_a_flatten_know_what_it_flattened(layers, expected):
+    assert [layer.flattened_from for layer in compile_layers(layers).layers] == expected
+
+
+def test_duplicate_layer_names_are_refused_per_list():
+    found = problems([{"type": "residual", "layers": [{"type": "conv2d", "filters": 1, "kernel": 1, "name": "c"},
+                                                      {"type": "conv2d", "filters": 1, "kernel": 1, "name": "c"}]},
+                      {"type": "flatten", "name": "f"}, {"type": "dense", "units": 10, "name": "f"}])
+    assert found == ["model.layers[0].layers: layer name 'c' is used more than once",
+                     "model.layers: layer name 'f' is used more than once"]
+
+
+def test_named_layers_keep_their_names():
+    model = compile_layers([{"type": "flatten", "name": "flat"}, {"type": "dense", "units": 10, "name": "logits"}])
+    assert [layer.name for layer in model.layers] == ["flat", "logits"] and model.name == "t"
+
+
+def test_residual_body_lists_what_is_allowed():
+    from cnnrun.spec.layers import RESIDUAL_BODY_TYPES
+
+    found = problems([{"type": "residual", "layers": [{"type": "flatten"}]}, {"type": "dense", "units": 10}])
+    assert found[0] == ("model.layers[0].layers[0]: flatten cannot stand inside a residual block; allowed: "
+                        + ", ".join(RESIDUAL_BODY_TYPES))
+
+
+def test_wrong_class_count_names_the_last_layer_with_units():
+    (found,) = problems([{"type": "flatten"}, {"type": "dense", "units": 12}, {"type": "dropout", "rate": 0.5},
+                         {"type": "activation", "fn": "relu"}])
+    assert found == ("model.layers[1]: the model outputs 12 values but the dataset has 10 classes; "
+                     "end with {type: dense, units: ${dataset.num_classes}}")
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [{"type": "softmax"}, {"type": "flatten"}],  # a structure problem
+        [{"type": "conv2d", "filters": 1, "kernel": 40}],  # a shape problem
+        [{"type": "flatten"}, {"type": "dense", "units": 3}],  # the class count
+    ],
+    ids=["structure", "shape", "classes"],
+)
+def test_every_kind_of_problem_is_headed_by_its_source(layers):
+    with pytest.raises(ConfigError) as err:
+        compile_layers(layers)
+    assert str(err.value).startswith("t.yaml has 1 problem\n")
+    with pytest.raises(ConfigError) as err:
+        compile_model({"name": "t", "layers": layers}, (1, 28, 28), 10)
+    assert str(err.value).startswith("model has 1 problem\n")
+
+
+def test_a_misspelt_top_level_key_gets_a_suggestion():
+    with pytest.raises(ConfigError) as err:
+        compile_model({"name": "t", "layer": [{"type": "flatten"}]}, (1, 28, 28), 10)
+    assert "model.layer: unknown key 'layer' (did you mean 'layers'?)" in str(err.value)
+
+
+def test_the_resolved_spec_leaves_out_unset_options():
+    """It is what checkpoints store and resume compares: unset names and descriptions must not appear as null."""
+    spec = compile_layers([{"type": "flatten"}, {"type": "dense", "units": 10}]).spec
+    assert spec["name"] == "t" and "description" not in spec
+    assert all(None not in layer.values() and "name" not in layer for layer in spec["layers"])
+
+
 @pytest.mark.parametrize(
     "pool,axis,which",
     [

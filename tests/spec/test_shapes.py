@@ -18,7 +18,17 @@ def test_same_padding_matches_tensorflow_definition(n, k, s):
     assert (n + before + after - k) // s + 1 == out
 
 
-@pytest.mark.parametrize("n,k,s,p,expected", [(28, 5, 1, 0, 24), (28, 5, 2, 2, 14), (7, 3, 3, 1, 3), (4, 5, 1, 0, 0)])
+@pytest.mark.parametrize(
+    "n,k,s,p,expected",
+    [
+        (28, 5, 1, 0, 24),
+        (28, 5, 2, 2, 14),
+        (7, 3, 3, 1, 3),
+        (4, 5, 1, 0, 0),
+        (2, 3, 1, 1, 2),  # the window fits only thanks to the padding
+        (1, 7, 1, 2, 0),  # wider than the padded input: no window at all, never a negative size
+    ],
+)
 def test_valid_and_explicit(n, k, s, p, expected):
     assert output_size(n, k, s, p if p else "valid") == expected
     assert output_size(n, k, s, p) == expected
