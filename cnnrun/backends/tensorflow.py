@@ -269,26 +269,26 @@ def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
         var_var.assign(keep * var_var + (1.0 - keep) * batch_var_unbiased)
 
     def batchnorm_map(x, training):
-        # One fused kernel. In training it normalises with the biased batch variance and returns the unbiased one.
-        y, batch_mean, batch_var = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean=None if training else mean_var, variance=None if training else var_var,
-            epsilon=spec.epsilon, data_format="NHWC", is_training=training,
+        if training:  # the explicit rule: XLA's fused training kernel takes E[x²] − E[x]², NaN on large means
+            return normalise(x, training, axes=[0, 1, 2])
+        # Inference: one fused kernel with the running statistics (nothing to cancel there).
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=mean_var, variance=var_var, epsilon=spec.epsilon, data_format="NHWC",
+            is_training=False,
         )
-        if training:
-            update(batch_mean, batch_var)
         return y
 
-    def batchnorm_vector(x, training):
+    def normalise(x, training, axes):
         if training:
-            mean, variance = tf.nn.moments(x, axes=[0])
-            n = tf.cast(tf.shape(x)[0], x.dtype)
+            mean, variance = tf.nn.moments(x, axes=axes)  # the mean of squared deviations: no cancellation
+            n = tf.cast(tf.size(x) // tf.size(mean), x.dtype)
             update(mean, variance * n / tf.maximum(n - 1.0, 1.0))  # unbiased, as PyTorch
         else:
             mean, variance = mean_var, var_var
         # (x - mean)·s, not tf.nn.batch_normalization's x·s - mean·s, which cancels when |mean| ≫ spread.
         return (x - mean) * (gamma * tf.math.rsqrt(variance + spec.epsilon)) + beta
 
-    return batchnorm_map if feature_map else batchnorm_vector
+    return batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0]))
 
 
 def _activation(layer: CompiledLayer, variables: Variables, rng) -> Op:

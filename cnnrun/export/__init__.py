@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from cnnrun.errors import UserError, did_you_mean, one_of
-from cnnrun.export.onnx_runtime import METADATA_PREFIX
+
+METADATA_PREFIX = "cnnrun."  # of the metadata every exported model carries (onnx_runtime reads it back)
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import List, Tuple
 import numpy as np
 
 from cnnrun.errors import UserError
+from cnnrun.export import METADATA_PREFIX  # of the metadata_props cnnrun.export.onnx writes
 
-METADATA_PREFIX = "cnnrun."  # of the metadata_props cnnrun.export.onnx writes (that module needs onnx to load)
 LOGITS = "logits"  # the output this module reads; the graph's other output is "probabilities"
 
 
