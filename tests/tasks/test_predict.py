@@ -224,12 +224,3 @@ def test_training_with_onnx_says_which_frameworks_train(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "framework=onnx runs exported models and only predicts (task=predict); task=train needs one of " \
            "'torch', 'tensorflow', 'keras' or 'chainer'" in result.stderr
-
-
-@pytest.mark.skipif(importlib.util.find_spec("cnnrun.export") is not None, reason="cnnrun's ONNX support is here")
-def test_an_onnx_model_without_onnx_support_says_what_to_install(tmp_path):
-    (tmp_path / "model.onnx").write_bytes(b"onnx")
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
-    result = _predict(tmp_path, ["checkpoint=model.onnx", "inputs=a.png"])
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "pip install 'cnnrun[onnx]'" in result.stderr
