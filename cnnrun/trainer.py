@@ -162,10 +162,7 @@ class Trainer:
                     images, mix = mix_batch(images, labels, augment, rng)
             if self.learning_rate is not None:
                 self._set_rate(epoch, state.batch, steps, state)
-            if mix is None:
-                self.runner.train_step(images, labels)
-            else:
-                self.runner.train_step(images, labels, mix)
+            self.runner.train_step(images, labels, mix)
             state.batch += 1
             since_sync += 1
             if since_sync == cfg.log_every or state.batch == steps or stop.requested:

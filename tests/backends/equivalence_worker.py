@@ -99,10 +99,7 @@ def _losses(runner, batches, set_rate=lambda runner, step: None, first_step: int
     losses = []
     for step, (images, labels) in enumerate(batches, first_step):
         set_rate(runner, step)
-        if mixes is None:
-            runner.train_step(images, labels)
-        else:
-            runner.train_step(images, labels, mixes[step])
+        runner.train_step(images, labels, None if mixes is None else mixes[step])
         losses.append(float(runner.train_metrics()[0]))
     return losses
 
