@@ -25,7 +25,7 @@ from cnnrun.spec.layers import (
     Tensor,
     _Window,
 )
-from cnnrun.spec.shapes import pad_amounts
+from cnnrun.spec.shapes import pad_amounts, real_cell_scale
 from cnnrun.spec.validation import problems_from
 
 
@@ -78,19 +78,12 @@ class CompiledLayer:
         return {name: self.spec.tensor(name) for name in (*self.weights, *self.states)}
 
     def real_cell_scale(self):
-        """For a padded window: (OH, OW) float32 NumPy array of window area / the real (unpadded) cells under
-        each output's window, the factor that turns an average over zero-padded windows into one over real
-        cells only; None when nothing is padded. One definition for every backend that needs it."""
+        """For a padded window layer: its :func:`~cnnrun.spec.shapes.real_cell_scale` ((OH, OW) float32), the
+        factor that turns an average over zero-padded windows into one over real cells; None when unpadded."""
         if self.pads is None or not any(sum(p) for p in self.pads):
             return None
-        import numpy as np  # here, not at import: task=summary imports no NumPy
-
-        (kh, kw), (sh, sw) = self.spec._window()
-        counts = []
-        for n, k, s, (before, _), out in zip(self.in_shape[1:], (kh, kw), (sh, sw), self.pads, self.out_shape[1:]):
-            starts = np.arange(out) * s - before
-            counts.append(np.minimum(starts + k, n) - np.maximum(starts, 0))
-        return ((kh * kw) / np.outer(counts[0], counts[1])).astype(np.float32)
+        size, strides = self.spec._window()
+        return real_cell_scale(self.in_shape[1:], size, strides, self.pads)
 
     def children(self) -> List["CompiledLayer"]:
         return self.body + ([self.shortcut] if self.shortcut else [])
