@@ -16,7 +16,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
 from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, slots_by_tensor, write_canonical
 from cnnrun.backends.devices import gpu_index
 from cnnrun.backends.chainer_env import (
@@ -29,7 +29,6 @@ from cnnrun.backends.chainer_env import (
     import_chainer,
     limit_cpu_threads,
 )
-from cnnrun.layout import CHANNELS_FIRST
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -39,7 +38,7 @@ import chainer.links as L  # noqa: E402
 
 from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
 
-LAYOUT = CHANNELS_FIRST
+LAYOUT = BACKENDS["chainer"].layout  # CHANNELS_FIRST
 NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
 _CURAND_PHILOX = 161  # cuRAND's CURAND_RNG_PSEUDO_PHILOX4_32_10 (a stable C enum value; CuPy's module path moved)
 _CUPY_VERSION: Optional[str] = None  # set once a runner really uses CuPy; part of framework_version()

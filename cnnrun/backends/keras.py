@@ -30,15 +30,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
 from cnnrun.backends.building import BuildContext, Built, read_canonical, slots_by_tensor, write_canonical
 from cnnrun.errors import UserError, one_of
-from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 from cnnrun.spec.shapes import real_cell_scale
 
-LAYOUT = CHANNELS_LAST
+LAYOUT = BACKENDS["keras"].layout  # CHANNELS_LAST
 KERAS_BACKENDS = ("tensorflow", "torch")
 # cnnrun's own KERAS_HOME, read while Keras imports: its keras.json holds Keras's defaults, so a user's
 # keras.json (channels_first, float16, another epsilon, or a value Keras refuses) never applies.

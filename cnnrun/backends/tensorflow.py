@@ -23,10 +23,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
 from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, write_canonical
 from cnnrun.backends.devices import gpu_index
-from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -83,7 +83,7 @@ def _import_tensorflow():
 
 tf, GPUS = _import_tensorflow()
 
-LAYOUT = CHANNELS_LAST
+LAYOUT = BACKENDS["tensorflow"].layout  # CHANNELS_LAST
 Op = Callable[[tf.Tensor, bool], tf.Tensor]
 
 

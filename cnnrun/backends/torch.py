@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
 from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, slots_by_tensor, write_canonical
 from cnnrun.backends.devices import gpu_index
-from cnnrun.layout import CHANNELS_FIRST
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
-LAYOUT = CHANNELS_FIRST
+LAYOUT = BACKENDS["torch"].layout  # CHANNELS_FIRST
 
 
 def framework_version() -> str:
