@@ -57,13 +57,19 @@ def from_canonical(model: CompiledModel, canonical: Dict[str, np.ndarray], layou
 
 
 def channels_last_axes(axes: str) -> str:
-    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, a vector stays itself."""
-    return "".join(a for a in "HWIO" if a in axes)
+    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, IMHW → HWIM, a vector stays."""
+    return "".join(a for a in "HWIMO" if a in axes)
 
 
 def _convert(model: CompiledModel, tensors, layout: str, to_native: bool) -> Dict[str, np.ndarray]:
     out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
     if layout == CHANNELS_FIRST:
+        if not to_native:  # a framework may hold a tensor reshaped (a depthwise kernel as (I·M, 1, H, W))
+            for layer in model.walk():
+                for param, shape in {**layer.weights, **layer.states}.items():
+                    key = f"{layer.name}/{param}"
+                    if key in out and out[key].shape != tuple(shape):
+                        out[key] = out[key].reshape(shape)
         return out
     for layer in model.walk():
         perm = None if layer.flattened_from is None else _hwc_to_chw_index(layer.flattened_from)

@@ -236,3 +236,15 @@ def test_converted_weights_drive_real_tensorflow_ops():
     out = conv.reshape(2, -1) @ w["dense_2/kernel"].T + w["dense_2/bias"]
     np.testing.assert_allclose(np.asarray(got["conv"]), conv, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got["out"]), out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("axes, native, fans", [("OIHW", "HWIO", (2 * 15, 3 * 15)), ("OI", "IO", (2, 3)),
+                                                ("IMHW", "HWIM", (2 * 15, 3 * 15)), ("I", "I", (2, 1))])
+def test_a_tensors_axes_give_its_channels_last_order_and_glorot_fans(axes, native, fans):
+    """Layout and initialisation read nothing but the axes a layer type declares (cnnrun.spec.layers.Tensor)."""
+    from cnnrun.layout import channels_last_axes
+    from cnnrun.spec.layers import Tensor
+
+    sizes = {"O": 3, "M": 3, "I": 2, "H": 3, "W": 5}
+    assert channels_last_axes(axes) == native
+    assert Tensor(axes, "glorot_uniform").fans(tuple(sizes[a] for a in axes)) == fans

@@ -21,13 +21,13 @@ def initial_weights(model: CompiledModel, seed: int) -> Dict[str, np.ndarray]:
     for layer in model.walk():  # the order of model.weight_shapes(): the draws follow it
         for param, tensor in layer.tensors.items():
             shape = {**layer.weights, **layer.states}[param]
-            weights[f"{layer.name}/{param}"] = _initial(tensor, shape, rng)
+            weights[f"{layer.name}/{param}"] = _initial(tensor, shape, layer.spec.fans(param, shape), rng)
     return weights
 
 
-def _initial(tensor: Tensor, shape, rng) -> np.ndarray:
+def _initial(tensor: Tensor, shape, fans, rng) -> np.ndarray:
     if tensor.init == "glorot_uniform":
-        fan_in, fan_out = tensor.fans(shape)
+        fan_in, fan_out = fans
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-limit, limit, size=shape).astype(np.float32)
     if tensor.init == "ones":
