@@ -57,7 +57,7 @@ def from_canonical(model: CompiledModel, canonical: Dict[str, np.ndarray], layou
 
 
 def channels_last_axes(axes: str) -> str:
-    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, IMHW → HWIM, a vector stays."""
+    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, IMHW → HWIM; vectors stay."""
     return "".join(a for a in "HWIMO" if a in axes)
 
 

@@ -13,7 +13,7 @@ conversion (:mod:`cnnrun.layout`) needs nothing more, since each tensor's axes c
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 from cnnrun.layout import from_canonical, to_canonical
 
@@ -49,6 +49,13 @@ class BuildContext:
             if param in layer.weights:
                 self.trainable.append(name)
         return obj
+
+
+def attribute_handles(owner: Any, **attributes: str) -> Dict[str, Tuple[Any, str]]:
+    """tensor name → (owner, attribute name) of the framework object holding it, for frameworks whose tensors are
+    attributes of a module (torch, Chainer); one set to None (a ``bias: false`` layer's bias) is left out. The pair,
+    not the tensor: moving a torch module to a device replaces its buffers."""
+    return {name: (owner, attr) for name, attr in attributes.items() if getattr(owner, attr, None) is not None}
 
 
 def read_canonical(model, layout: str, handles: Dict[str, Any], read: Callable[[Any], Any]) -> Dict[str, Any]:

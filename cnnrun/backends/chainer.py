@@ -17,7 +17,15 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 
 from cnnrun.backends import BACKENDS, mean_metrics
-from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, slots_by_tensor, write_canonical
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    attribute_handles,
+    read_canonical,
+    slot_key,
+    slots_by_tensor,
+    write_canonical,
+)
 from cnnrun.backends.devices import gpu_index
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
@@ -216,24 +224,20 @@ def _global_avgpool(x):
     return F.mean(x, axis=(2, 3))
 
 
-def _handles(link: chainer.Link, **attributes: str) -> Dict[str, Tuple[chainer.Link, str]]:
-    """canonical tensor name → (link, attribute) holding its array; absent ones (no bias) are left out."""
-    return {name: (link, attr) for name, attr in attributes.items() if getattr(link, attr, None) is not None}
-
-
 def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     link = Conv(layer)
-    return Built(link, _handles(link.conv, kernel="W", bias="b"))  # OIHW: canonical
+    return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # OIHW: canonical
 
 
 def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     link = Dense(layer)
-    return Built(link, _handles(link.linear, kernel="W", bias="b"))  # (out, in): canonical
+    return Built(link, attribute_handles(link.linear, kernel="W", bias="b"))  # (out, in): canonical
 
 
 def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
     link = BatchNorm(layer)
-    return Built(link, _handles(link, gamma="gamma", beta="beta", moving_mean="avg_mean", moving_variance="avg_var"))
+    return Built(link, attribute_handles(link, gamma="gamma", beta="beta", moving_mean="avg_mean",
+                                         moving_variance="avg_var"))
 
 
 # One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(link, tensors);

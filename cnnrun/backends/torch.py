@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnrun.backends import BACKENDS, mean_metrics
-from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, slots_by_tensor, write_canonical
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    attribute_handles,
+    read_canonical,
+    slot_key,
+    slots_by_tensor,
+    write_canonical,
+)
 from cnnrun.backends.devices import gpu_index
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
@@ -124,25 +132,19 @@ class Residual(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def _handles(module: nn.Module, **attributes: str) -> Dict[str, Tuple[nn.Module, str]]:
-    """canonical tensor name → (module, attribute) of the parameter or buffer holding it; absent ones (a
-    ``bias=False`` layer's bias) are left out. (module, attribute), not the tensor: see :attr:`Network.tensors`."""
-    return {name: (module, attr) for name, attr in attributes.items() if getattr(module, attr) is not None}
-
-
 def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     module = Conv(layer)
-    return Built(module, _handles(module.conv, kernel="weight", bias="bias"))  # OIHW: canonical
+    return Built(module, attribute_handles(module.conv, kernel="weight", bias="bias"))  # OIHW: canonical
 
 
 def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     module = Dense(layer)
-    return Built(module, _handles(module.linear, kernel="weight", bias="bias"))  # (out, in): canonical
+    return Built(module, attribute_handles(module.linear, kernel="weight", bias="bias"))  # (out, in): canonical
 
 
 def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
     module = batchnorm(layer)
-    return Built(module, _handles(module, gamma="weight", beta="bias", moving_mean="running_mean",
+    return Built(module, attribute_handles(module, gamma="weight", beta="bias", moving_mean="running_mean",
                                   moving_variance="running_var"))
 
 
