@@ -57,33 +57,33 @@ def from_canonical(model: CompiledModel, canonical: Dict[str, np.ndarray], layou
 
 
 def channels_last_axes(axes: str) -> str:
-    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, IMHW → HWIM; vectors stay."""
-    return "".join(a for a in "HWIMO" if a in axes)
+    """A tensor's axes as channels-last frameworks hold them: OIHW → HWIO, OI → IO, a vector stays itself."""
+    return "".join(a for a in "HWIO" if a in axes)
 
 
 def _convert(model: CompiledModel, tensors, layout: str, to_native: bool) -> Dict[str, np.ndarray]:
+    """Native arrays come back in the shape the spec declares (a framework may hold a tensor reshaped, e.g. a
+    depthwise kernel as (H, W, C, M)); native ones go out in the declared axes' order, and a backend reshapes them
+    to its variable's shape when it writes them (the order of values is the same)."""
     out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    if layout == CHANNELS_FIRST:
-        if not to_native:  # a framework may hold a tensor reshaped (a depthwise kernel as (I·M, 1, H, W))
-            for layer in model.walk():
-                for param, shape in {**layer.weights, **layer.states}.items():
-                    key = f"{layer.name}/{param}"
-                    if key in out and out[key].shape != tuple(shape):
-                        out[key] = out[key].reshape(shape)
-        return out
     for layer in model.walk():
         perm = None if layer.flattened_from is None else _hwc_to_chw_index(layer.flattened_from)
+        shapes = {**layer.weights, **layer.states}
         for param, tensor in layer.tensors.items():
             key = f"{layer.name}/{param}"
             if key not in out:  # only the tensors present: optimizer slots, for example, exist for trainable ones
                 continue
-            canonical, native = tensor.axes, channels_last_axes(tensor.axes)
-            value = out[key]
+            canonical, shape, value = tensor.axes, tuple(shapes[param]), out[key]
+            if layout == CHANNELS_FIRST:
+                out[key] = value if to_native or value.shape == shape else value.reshape(shape)
+                continue
+            native = channels_last_axes(canonical)
             if to_native:
                 if perm is not None and "I" in canonical:
                     value = np.take(value, np.argsort(perm), axis=canonical.index("I"))
                 value = value.transpose([canonical.index(a) for a in native])
             else:
+                value = value.reshape([shape[canonical.index(a)] for a in native])
                 value = value.transpose([native.index(a) for a in canonical])
                 if perm is not None and "I" in canonical:
                     value = np.take(value, perm, axis=canonical.index("I"))

@@ -58,6 +58,12 @@ def attribute_handles(owner: Any, **attributes: str) -> Dict[str, Tuple[Any, str
     return {name: (owner, attr) for name, attr in attributes.items() if getattr(owner, attr, None) is not None}
 
 
+def assign_reshaped(variable: Any, value: Any) -> None:
+    """``variable.assign(value)`` for a variable that holds its tensor reshaped (same order of values: a depthwise
+    kernel canonical (C·M, 1, H, W) is (H, W, C, M) in TensorFlow and Keras); shape-checked as ``assign`` is."""
+    variable.assign(value.reshape(tuple(variable.shape)))
+
+
 def read_canonical(model, layout: str, handles: Dict[str, Any], read: Callable[[Any], Any]) -> Dict[str, Any]:
     """Every tensor in canonical layout: ``read(handle)`` gives the framework's array as NumPy."""
     return to_canonical(model, {name: read(handle) for name, handle in handles.items()}, layout)

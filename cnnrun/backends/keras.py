@@ -31,7 +31,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from cnnrun.backends import BACKENDS, mean_metrics
-from cnnrun.backends.building import BuildContext, Built, read_canonical, slots_by_tensor, write_canonical
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    assign_reshaped,
+    read_canonical,
+    slots_by_tensor,
+    write_canonical,
+)
 from cnnrun.errors import UserError, one_of
 from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
@@ -398,7 +405,7 @@ class KerasTensorFlowNetwork:
         self.keras_model, self.builder = build_model(model, seed)
         self.variables = _TensorFlowVariables(self.builder)
         for name, var in self.variables.by_name.items():
-            var.assign(initial[name])
+            assign_reshaped(var, initial[name])
 
     def random_state(self) -> Dict[str, np.ndarray]:
         return random_state(self.builder)
@@ -512,7 +519,7 @@ class KerasTorchRunner:
         return read_canonical(self.model, LAYOUT, self.tensors, lambda var: var.value.detach().cpu().numpy())
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        write_canonical(self.model, LAYOUT, self.tensors, weights, lambda var, value: var.assign(value))
+        write_canonical(self.model, LAYOUT, self.tensors, weights, assign_reshaped)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """torch.optim's slots under PyTorch's names, converted to canonical layout (as the torch backend's)."""

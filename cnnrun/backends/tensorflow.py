@@ -24,7 +24,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from cnnrun.backends import BACKENDS, mean_metrics
-from cnnrun.backends.building import BuildContext, Built, read_canonical, slot_key, write_canonical
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    assign_reshaped,
+    read_canonical,
+    slot_key,
+    write_canonical,
+)
 from cnnrun.backends.devices import gpu_index
 from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
@@ -151,12 +158,15 @@ class Variables:
         self.trainable: List[tf.Variable] = [self.by_name[name] for name in self.trainable_names]
 
 
-def _variables(layer: CompiledLayer, ctx: BuildContext, *params: str) -> Dict[str, tf.Variable]:
-    """tf.Variables for ``params`` of ``layer``, from ``ctx.initial`` (already in NHWC layout); states (running
+def _variables(layer: CompiledLayer, ctx: BuildContext, *params: str, shapes=None) -> Dict[str, tf.Variable]:
+    """tf.Variables for ``params`` of ``layer``, from ``ctx.initial`` (already in NHWC layout; reshaped to
+    ``shapes[param]`` where TensorFlow holds a tensor in another shape, e.g. a depthwise kernel); states (running
     statistics) are not trainable."""
+    shapes = shapes or {}
     return {
-        param: tf.Variable(ctx.initial[f"{layer.name}/{param}"], trainable=param in layer.weights,
-                           name=f"{layer.name}/{param}".replace("/", "__"))
+        param: tf.Variable(np.reshape(ctx.initial[f"{layer.name}/{param}"], shapes.get(param, -1))
+                           if param in shapes else ctx.initial[f"{layer.name}/{param}"],
+                           trainable=param in layer.weights, name=f"{layer.name}/{param}".replace("/", "__"))
         for param in params
     }
 
@@ -491,7 +501,7 @@ def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state
         native = from_canonical(model, canonical, LAYOUT)
         for name, slots in zip(names, optimizer.slots):
             if name in native:
-                slots[slot].assign(native[name])
+                assign_reshaped(slots[slot], native[name])
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -599,7 +609,7 @@ class TensorFlowRunner:
         return read_canonical(self.model, LAYOUT, self.net.variables.by_name, lambda var: var.numpy())
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        write_canonical(self.model, LAYOUT, self.net.variables.by_name, weights, lambda var, value: var.assign(value))
+        write_canonical(self.model, LAYOUT, self.net.variables.by_name, weights, assign_reshaped)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""

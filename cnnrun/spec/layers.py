@@ -34,11 +34,11 @@ class Tensor:
     """How one of a layer's tensors is laid out and initialised.
 
     ``axes``: the canonical axes, one letter each: ``O`` output channels or units, ``I`` input channels or
-    features (the axis a flattened feature map indexes in C·H·W order), ``M`` outputs per input channel (a
-    depthwise kernel: canonical (I, M, H, W), which channels-first frameworks hold reshaped as (I·M, 1, H, W)),
-    ``H``/``W`` kernel rows and columns. Channels-last frameworks hold the same axes in ``HWIMO`` order (see
-    :mod:`cnnrun.layout`); Glorot's fans are ``I``·H·W and (``O`` or ``M``)·H·W, Keras's, unless the layer's
-    :meth:`LayerSpec.fans` says otherwise. ``init``: ``glorot_uniform``, ``zeros`` or ``ones``.
+    features (the axis a flattened feature map indexes in C·H·W order), ``H``/``W`` kernel rows and columns.
+    Channels-last frameworks hold the same axes in ``HWIO`` order (see :mod:`cnnrun.layout`), possibly reshaped
+    (a depthwise kernel, canonical (C·M, 1, H, W), is (H, W, C, M) there: the same order of values). Glorot's
+    fans are ``I``·H·W and ``O``·H·W unless the layer's :meth:`LayerSpec.fans` says otherwise (grouped and
+    depthwise kernels). ``init``: ``glorot_uniform``, ``zeros`` or ``ones``.
     """
 
     axes: str
@@ -48,7 +48,7 @@ class Tensor:
         """(fan_in, fan_out) of a tensor of ``shape`` in canonical layout."""
         sizes = dict(zip(self.axes, shape))
         receptive = sizes.get("H", 1) * sizes.get("W", 1)
-        return sizes.get("I", 1) * receptive, sizes.get("O", sizes.get("M", 1)) * receptive
+        return sizes.get("I", 1) * receptive, sizes.get("O", 1) * receptive
 
 
 CONV_KERNEL = Tensor("OIHW", "glorot_uniform")
