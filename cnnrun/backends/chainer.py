@@ -373,7 +373,7 @@ class ChainerRunner:
         self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
         self.communicator = None  # a ChainerMN communicator once this process trains as one rank of several
-        self.global_batch: Optional[int] = None  # then: the size of the global batch the next step's is a shard of
+        self.loss_weight = 1.0  # then: the factor on this rank's mean loss (cnnrun.distributed.shard.loss_weight)
         self._zero_metrics()
         if self.xp is np:
             self.device_name = "cpu"
@@ -405,10 +405,6 @@ class ChainerRunner:
         return x
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
-        self.net.cleargrads()
-        if not len(labels):  # a rank's empty shard of a short global batch: it still takes part in the all-reduce
-            self._update()
-            return
         x = self._inputs(images)
         t = self.xp.asarray(labels.astype(np.int32, copy=False))
         with self._config(train=True):
@@ -417,10 +413,11 @@ class ChainerRunner:
             if mix is not None:
                 partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
                 loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
+            self.net.cleargrads()
             if self.communicator is None:
                 loss.backward()
             else:  # weighted so that the mean over ranks of the gradients is the global batch's mean-loss gradient
-                (loss * (self.communicator.size * len(labels) / self.global_batch)).backward()
+                (loss * self.loss_weight).backward()
             self._update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
@@ -429,7 +426,7 @@ class ChainerRunner:
 
     def _update(self) -> None:
         if self.communicator is not None:
-            self.communicator.multi_node_mean_grad(self.net, zero_fill=True)  # a missing gradient counts as zeros
+            self.communicator.multi_node_mean_grad(self.net)
         if self.clip_norm:
             self.optimizer.clip_gradients(self.clip_norm)
         self.optimizer.update()

@@ -592,7 +592,7 @@ class TensorFlowRunner:
     def _train_step(self, images: tf.Tensor, labels: tf.Tensor, total: tf.Tensor, partners=None, lam=None) -> None:
         """One step on this process's images. ``total``: the samples of the global batch these are a shard of;
         the objective is their summed loss over ``total``, so the gradients summed over every shard are the
-        gradient of the global batch's mean loss (an empty shard adds nothing)."""
+        gradient of the global batch's mean loss."""
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
             logits = self.net(self._inputs(images), training=True)

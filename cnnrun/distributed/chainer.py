@@ -21,6 +21,7 @@ import numpy as np
 
 from cnnrun.distributed import WorkersFailed
 from cnnrun.distributed.local_workers import run_workers
+from cnnrun.distributed.shard import loss_weight
 from cnnrun.distributed.world import MPI, World
 from cnnrun.errors import TrainingInterrupted, UserError
 
@@ -112,7 +113,7 @@ class ChainerParallel:
         self.collective = collective
 
     def set_shard(self, size: int, total: int) -> None:
-        self.runner.global_batch = total
+        self.runner.loss_weight = loss_weight(size, total, self.collective.world.size)
 
     def share_state(self) -> None:
         names = [name for name in self.runner.net.tensors if self.runner.net.param(name) is None]  # running stats
