@@ -139,6 +139,10 @@ def main():
     from cnnrun import hydra_errors, hydra_startup
     from cnnrun.sweep.callback import finish_active
 
+    from cnnrun.distributed.launch import die_with_launcher, rank_hydra_args
+
+    die_with_launcher()  # a worker that cnnrun launched does not outlive its launcher
+    sys.argv += rank_hydra_args()  # ranks other than 0 write nothing: no output folder of their own
     hydra_errors.install(on_error=_sweep_failed)
     hydra_startup.install()
     _describe_version_flag()

@@ -138,9 +138,16 @@ def tracking_uri_problem(uri: str) -> Optional[str]:
     return None
 
 
+def _devices(raw: Dict[str, Any]) -> List[Problem]:
+    from cnnrun.distributed import devices_problems
+
+    return devices_problems(raw)
+
+
 CHECKS: List[Callable[[Dict[str, Any]], List[Problem]]] = [
     _dataset,
     _framework,
     _checkpoints,
     _tracking_uri,
+    _devices,
 ]
