@@ -56,10 +56,23 @@ COLLECTIVE_TIMEOUT_S = 300
 ENGINES: Dict[str, str] = {
     "torch": "cnnrun.distributed.torch",
     "keras:torch": "cnnrun.distributed.torch",
+    "tensorflow": "cnnrun.distributed.tensorflow",
+    "keras:tensorflow": "cnnrun.distributed.tensorflow",
+    "chainer": "cnnrun.distributed.chainer",
 }
 DESCRIPTIONS: Dict[str, str] = {
     "torch": "framework=torch",
     "keras:torch": "framework=keras with framework.backend=torch",
+    "tensorflow": "framework=tensorflow",
+    "keras:tensorflow": "framework=keras with framework.backend=tensorflow",
+    "chainer": "framework=chainer",
+}
+# Engines that cannot synchronise batchnorm, and why (trainer.sync_batchnorm=true is refused before training).
+NO_SYNC_BATCHNORM: Dict[str, str] = {
+    "chainer": "framework=chainer cannot synchronise batchnorm: ChainerMN's MultiNodeBatchNormalization averages "
+               "each rank's mean (wrong when shards differ in size) and takes the variance as E[x²] − E[x]², which "
+               "cancels in float32; use trainer.sync_batchnorm=false (each rank's own statistics) or another "
+               "framework",
 }
 
 
@@ -100,6 +113,8 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
         what = f"trainer.devices={devices}" if devices > 1 else f"a {world.source}-started world"
         return [Problem("trainer.devices", f"{what}: {DESCRIPTIONS.get(key, f'framework={name}')} cannot train on "
                                            f"several processes here; these can: {supported()}")]
+    if trainer.get("sync_batchnorm") is True and key in NO_SYNC_BATCHNORM:
+        return [Problem("trainer.sync_batchnorm", f"true: {NO_SYNC_BATCHNORM[key]}")]
     if world.started and devices not in (1, world.local_size):
         return [Problem("trainer.devices", f"{devices}, but this process was started by {world.source} as one "
                                            f"of {world.local_size} on this machine; leave trainer.devices=1 "

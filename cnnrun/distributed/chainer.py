@@ -6,7 +6,8 @@ started joins the world MPI describes. Gradients are averaged over ranks by the 
 the global batch, so the average is the global batch's mean-loss gradient (gradient clipping sees that one).
 
 Needs the ``mpi`` extra (mpi4py) and an MPI library with its ``mpiexec``: Open MPI (Debian: ``openmpi-bin``),
-whose ``libmpi.so.40`` the mpi4py wheel loads. Synchronised batchnorm is refused (see :data:`NO_SYNC_BATCHNORM`).
+whose ``libmpi.so.40`` the mpi4py wheel loads. Synchronised batchnorm is refused before training (see
+:data:`cnnrun.distributed.NO_SYNC_BATCHNORM`).
 """
 
 from __future__ import annotations
@@ -28,12 +29,6 @@ from cnnrun.errors import TrainingInterrupted, UserError
 LAUNCHER = "mpiexec (ChainerMN)"
 MPI_HINT = ("install the mpi extra (`pip install 'cnnrun[mpi]'`, mpi4py) and Open MPI "
             "(Debian/Ubuntu: `apt-get install openmpi-bin`)")
-# Why trainer.sync_batchnorm=true is refused with framework=chainer.
-NO_SYNC_BATCHNORM = (
-    "framework=chainer cannot synchronise batchnorm: ChainerMN's MultiNodeBatchNormalization averages each rank's "
-    "mean (wrong when shards differ in size, as the last batch's do) and takes the variance as E[x²] − E[x]², "
-    "which cancels in float32; use trainer.sync_batchnorm=false (per-rank statistics) or another framework"
-)
 
 
 def mpiexec_command(nprocs: int) -> list:
@@ -123,10 +118,9 @@ class ChainerParallel:
 
 
 def wrap(runner, collective: MpiCollective, sync_batchnorm: bool) -> ChainerParallel:
-    if sync_batchnorm:
-        raise UserError(f"trainer.sync_batchnorm=true: {NO_SYNC_BATCHNORM}")
+    """Average a Chainer runner's gradients over ranks (sync_batchnorm is refused earlier: NO_SYNC_BATCHNORM)."""
     runner.communicator = collective.communicator
     return ChainerParallel(runner, collective)
 
 
-__all__ = ["LAUNCHER", "NO_SYNC_BATCHNORM", "join", "launch", "wrap"]
+__all__ = ["LAUNCHER", "join", "launch", "wrap"]

@@ -109,15 +109,23 @@ def rank_hydra_args() -> List[str]:
 
 
 def die_with_launcher() -> None:
-    """In a worker cnnrun launched: get SIGTERM when the launcher dies, however it dies (Linux), so that no
-    worker outlives it."""
+    """In a worker cnnrun launched: get SIGTERM when its parent dies, however it dies (Linux), so that no worker
+    outlives the launcher. The parent is the launcher, or the mpiexec it started, which dies with it."""
     launcher = os.environ.get(LAUNCHER_PID)
-    if not launcher or not sys.platform.startswith("linux"):
+    if not launcher or not die_with_parent():
         return
+    try:
+        os.kill(int(launcher), 0)
+    except ProcessLookupError:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to send this process SIGTERM when its parent dies; whether that could be arranged."""
+    if not sys.platform.startswith("linux"):
+        return False
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) == 0
     except (OSError, AttributeError):
-        return
-    if os.getppid() != int(launcher):  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        return False

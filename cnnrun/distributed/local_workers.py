@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+from cnnrun.distributed.launch import die_with_parent
+
 # Seconds workers have after SIGTERM (or a passed-on Ctrl-C) to reach a sync point, save once and end the
 # MLflow run, before SIGKILL.
 SHUTDOWN_TIMEOUT_S = 60
@@ -35,7 +37,8 @@ def run_workers(command: Sequence[str], environments: List[Dict[str, str]],
                 timeout: float = SHUTDOWN_TIMEOUT_S) -> Outcome:
     """Run ``command`` once per environment (rank = position) and wait for all of them."""
     outcome = Outcome()
-    workers = [subprocess.Popen(list(command), env=env) for env in environments]
+    # Each worker (or the mpiexec that starts the ranks) is told to stop when the launcher dies, even by SIGKILL.
+    workers = [subprocess.Popen(list(command), env=env, preexec_fn=die_with_parent) for env in environments]
     stopping: Optional[float] = None  # when the workers were told to stop
 
     def stop(signum, frame):

@@ -16,6 +16,7 @@ shard of each global batch, the metrics and the rank-0-only logging the same as 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import socket
@@ -72,38 +73,49 @@ def launch(nprocs: int, args: Sequence[str]) -> None:
 
 
 class TensorFlowCollective:
-    """Sums, gathers and broadcasts through the strategy's collectives (eagerly, in its replica context)."""
+    """Sums, gathers and broadcasts through the strategy's collectives. Each operation is one compiled function
+    over flat vectors of any length (traced once per dtype), not an eager call that TensorFlow would retrace for
+    every new shape."""
 
     def __init__(self, world: World, strategy):
         self.world = world
         self.strategy = strategy
+        self._sum = self._compiled(gather=False, dtype="float64")
+        self._gathers = {}  # dtype → compiled all-gather
 
-    def _reduce(self, value: np.ndarray, gather: bool = False) -> np.ndarray:
+    def _compiled(self, gather: bool, dtype: str):
         from cnnrun.backends.tensorflow import tf
 
         def replica(x):
+            x = tf.identity(x)  # placed on the replica's device: a collective reduces towards its inputs' devices
             context = tf.distribute.get_replica_context()
             return context.all_gather(x, axis=0) if gather else context.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
-        result = self.strategy.run(replica, args=(tf.constant(value),))
-        return self.strategy.experimental_local_results(result)[0].numpy()
+        @tf.function(input_signature=[tf.TensorSpec((None,), dtype)])
+        def collective(x):
+            return self.strategy.run(replica, args=(x,))
+
+        return lambda values: collective(values).numpy()
 
     def all_sum(self, values: np.ndarray) -> np.ndarray:
-        return self._reduce(np.array(values, np.float64))
+        values = np.asarray(values, np.float64)
+        return self._sum(values.reshape(-1)).reshape(values.shape)
 
     def all_gather(self, rows: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
         longest = max(sizes)
         padded = np.zeros((longest, *rows.shape[1:]), rows.dtype)  # the collective takes equal shapes
         padded[: len(rows)] = rows
-        parts = self._reduce(padded, gather=True).reshape(len(sizes), longest, *rows.shape[1:])
+        dtype = padded.dtype.name
+        if dtype not in self._gathers:
+            self._gathers[dtype] = self._compiled(gather=True, dtype=dtype)
+        parts = self._gathers[dtype](padded.reshape(-1)).reshape(len(sizes), longest, *rows.shape[1:])
         return np.concatenate([part[:size] for part, size in zip(parts, sizes)])
 
     def broadcast(self, value: Any) -> Any:
         data = np.frombuffer(pickle.dumps(value), np.uint8) if self.world.is_main else np.zeros(0, np.uint8)
         length = int(self.all_sum(np.array([len(data)]))[0])
-        buffer = np.zeros(length, np.float64)  # bytes as float64: summing zeros with rank 0's bytes is exact
-        if self.world.is_main:
-            buffer[:] = data
+        buffer = np.zeros(length, np.float64)  # bytes as float64: adding the other ranks' zeros keeps them exact
+        buffer[: len(data)] = data
         return pickle.loads(self.all_sum(buffer).astype(np.uint8).tobytes())
 
     def close(self) -> None:
@@ -124,6 +136,7 @@ def join(world: World, device) -> TensorFlowCollective:
         tf.config.set_visible_devices([], "GPU")
     elif device.cuda_index < len(GPUS):
         tf.config.set_visible_devices(GPUS[device.cuda_index], "GPU")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # the strategy logs every collective it sets up
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return TensorFlowCollective(world, strategy)
