@@ -165,7 +165,7 @@ def test_ctrl_c_stops_every_rank_the_run_resumes_on_one_process_and_two_nodes_tr
     # Two "nodes" on this machine: two torchrun launches meeting at a c10d rendezvous on 127.0.0.1, trained without
     # interruption, give what the run stopped on two ranks and finished on one gives: neither the stop, nor the
     # change of world size, nor the machines' split changes the result. (That two ranks train what one process
-    # trains, step by step, is tests/distributed/test_equivalence.py's, below the CLI.)
+    # trains, step by step, is tests/distributed/test_parallel_equivalence.py's, below the CLI.)
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     port = free_port()

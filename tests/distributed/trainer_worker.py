@@ -1,5 +1,5 @@
 """Train the equivalence cases with the shared trainer, as one process or as one rank of several; rank 0 writes
-what each case computed. For tests/distributed/test_equivalence.py.
+what each case computed. For tests/distributed/test_parallel_equivalence.py.
 
     python tests/distributed/trainer_worker.py OUT.npz                                  # one process
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/distributed/trainer_worker.py OUT.npz
