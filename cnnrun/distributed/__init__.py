@@ -52,20 +52,13 @@ from cnnrun.errors import Problem, UserError
 # connections, and the others fail at their next collective operation, within seconds.
 COLLECTIVE_TIMEOUT_S = 300
 
-# Engine key (see engine_key) → the module implementing launch/join/wrap, and how the key is described to users.
+# Engine key (see engine_key) → the module implementing launch/join/wrap.
 ENGINES: Dict[str, str] = {
     "torch": "cnnrun.distributed.torch",
     "keras:torch": "cnnrun.distributed.torch",
     "tensorflow": "cnnrun.distributed.tensorflow",
     "keras:tensorflow": "cnnrun.distributed.tensorflow",
     "chainer": "cnnrun.distributed.chainer",
-}
-DESCRIPTIONS: Dict[str, str] = {
-    "torch": "framework=torch",
-    "keras:torch": "framework=keras with framework.backend=torch",
-    "tensorflow": "framework=tensorflow",
-    "keras:tensorflow": "framework=keras with framework.backend=tensorflow",
-    "chainer": "framework=chainer",
 }
 # Engines that cannot synchronise batchnorm, and why (trainer.sync_batchnorm=true is refused before training).
 NO_SYNC_BATCHNORM: Dict[str, str] = {
@@ -90,8 +83,14 @@ def engine_key(framework: str, options: Mapping[str, Any]) -> str:
     return framework
 
 
+def describe(key: str) -> str:
+    """An engine key in the config's words: 'keras:torch' → 'framework=keras with framework.backend=torch'."""
+    name, _, backend = key.partition(":")
+    return f"framework={name}" + (f" with framework.backend={backend}" if backend else "")
+
+
 def supported() -> str:
-    return ", ".join(DESCRIPTIONS[key] for key in ENGINES)
+    return ", ".join(describe(key) for key in ENGINES)
 
 
 def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
@@ -110,9 +109,9 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
         return []
     key = engine_key(name, {k: v for k, v in framework.items() if k != "name"})
     if key not in ENGINES:
-        what = f"trainer.devices={devices}" if devices > 1 else f"a {world.source}-started world"
-        return [Problem("trainer.devices", f"{what}: {DESCRIPTIONS.get(key, f'framework={name}')} cannot train on "
-                                           f"several processes here; these can: {supported()}")]
+        what = f"trainer.devices={devices}" if devices > 1 else f"this process was started by {world.source}"
+        return [Problem("trainer.devices", f"{describe(key)} cannot train on several "
+                                           f"processes here ({what}); these can: {supported()}")]
     if trainer.get("sync_batchnorm") is True and key in NO_SYNC_BATCHNORM:
         return [Problem("trainer.sync_batchnorm", f"true: {NO_SYNC_BATCHNORM[key]}")]
     if world.started and devices not in (1, world.local_size):

@@ -39,6 +39,11 @@ def run_workers(ctx, in_sweep: bool) -> float:
     if in_sweep:
         raise UserError(f"trainer.devices={cfg.trainer.devices} in a sweep (-m): each job would start its own "
                         "workers; sweep with trainer.devices=1, or train one configuration at a time")
+    from cnnrun.distributed.session import check_batches
+    from cnnrun.tasks.common import load_data
+
+    # What only the data can tell, before any worker starts (each would fail alike); it also fills the data cache.
+    check_batches(len(load_data(ctx).train), cfg.trainer.batch_size, cfg.trainer.devices)
     engine = load_engine(engine_key(cfg.framework.name, cfg.framework.options()))
     resume = cfg.trainer.resume
     if resume == LAST:

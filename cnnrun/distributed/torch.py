@@ -138,11 +138,22 @@ class WeightedLoss(nn.Module):
         return out
 
 
+def _differentiable_all_reduce():
+    """torch.distributed.nn's sum all-reduce, whose backward pass all-reduces the gradients. Torch 2.13 marks it
+    deprecated in favour of a private module whose all-reduce has no backward pass, so its warning is silenced."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce
+
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                            category=FutureWarning)
+    return all_reduce
+
+
 def global_moments(x: torch.Tensor, dims: Sequence[int]):
     """(mean, biased variance, count) over ``dims`` of every rank's ``x``, kept as broadcastable shapes; gradients
     flow back to every rank's rows (``torch.distributed.nn`` all-reduces are differentiable)."""
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _differentiable_all_reduce()
     dims = list(dims)
     local = x.sum(dim=dims, keepdim=True)
     count = float(np.prod([x.shape[d] for d in dims]))
