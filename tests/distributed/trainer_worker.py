@@ -1,12 +1,13 @@
 """Train the equivalence cases with the shared trainer, as one process or as one rank of several; rank 0 writes
 what each case computed. For tests/distributed/test_parallel_equivalence.py.
 
-    python tests/distributed/trainer_worker.py OUT.npz                                  # one process
+    python tests/distributed/trainer_worker.py OUT.npz [ENGINE]                         # one process
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/distributed/trainer_worker.py OUT.npz
+    mpiexec -n 2 python tests/distributed/trainer_worker.py OUT.npz chainer
 
-The path is the production one below the CLI: the torch engine joins the world (gloo), wraps the runner (DDP, and
-synchronised batchnorm where the case asks), and :class:`cnnrun.distributed.runner.ShardedRunner` takes each rank's
-rows of every global batch. Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and
+The path is the production one below the CLI: the engine (ENGINE: torch, the default, tensorflow or chainer) joins
+the world (gloo; TF_CONFIG workers; MPI), wraps the runner (gradients averaged, and synchronised batchnorm where the
+case asks), and :class:`cnnrun.distributed.runner.ShardedRunner` takes each rank's rows of every global batch. Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and
 ``<case>/weights/<tensor>``.
 """
 
@@ -50,22 +51,32 @@ BATCHNORM = {"name": "batchnorm", "layers": [
     {"type": "dense", "units": 4},
     {"type": "softmax"},
 ]}
-# (case, framework, options, spec, sync_batchnorm); Keras cases last (Keras picks its backend once per process).
-CASES = [
-    ("torch", "torch", {}, PLAIN, False),
-    ("torch-syncbn", "torch", {}, BATCHNORM, True),
-    ("keras-torch", "keras", {"backend": "torch"}, PLAIN, False),
-    ("keras-torch-syncbn", "keras", {"backend": "torch"}, BATCHNORM, True),
-]
+# Engine → its cases: (case, framework, options, spec, sync_batchnorm); Keras cases last (Keras picks its backend
+# once per process).
+CASES = {
+    "torch": [
+        ("torch", "torch", {}, PLAIN, False),
+        ("torch-syncbn", "torch", {}, BATCHNORM, True),
+        ("keras-torch", "keras", {"backend": "torch"}, PLAIN, False),
+        ("keras-torch-syncbn", "keras", {"backend": "torch"}, BATCHNORM, True),
+    ],
+    "tensorflow": [
+        ("tensorflow", "tensorflow", {}, PLAIN, False),
+        ("tensorflow-syncbn", "tensorflow", {}, BATCHNORM, True),
+        ("keras-tensorflow", "keras", {"backend": "tensorflow"}, PLAIN, False),
+        ("keras-tensorflow-syncbn", "keras", {"backend": "tensorflow"}, BATCHNORM, True),
+    ],
+    "chainer": [("chainer", "chainer", {}, PLAIN, False)],  # no synchronised batchnorm: NO_SYNC_BATCHNORM
+}
 
 
-def main(out: str) -> None:
+def main(out: str, engine_name: str = "torch") -> None:
     world = detect_world()
     device = DeviceConfig(name="cpu", threads=1)
-    engine = load_engine("torch")
+    engine = load_engine(engine_name)
     collective = engine.join(world, device) if world.started else LOCAL
     results = {}
-    for case, framework, options, spec, sync in CASES:
+    for case, framework, options, spec, sync in CASES[engine_name]:
         model = compile_model(spec, DATASET.input_shape, DATASET.num_classes)
         runner = create_runner(framework, model, OPTIMIZER, validate_options(framework, options), device, 0,
                                DATASET.mean, DATASET.std)
@@ -84,4 +95,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
