@@ -38,7 +38,9 @@ def run_workers(command: Sequence[str], environments: List[Dict[str, str]],
     """Run ``command`` once per environment (rank = position) and wait for all of them."""
     outcome = Outcome()
     # Each worker (or the mpiexec that starts the ranks) is told to stop when the launcher dies, even by SIGKILL.
-    workers = [subprocess.Popen(list(command), env=env, preexec_fn=die_with_parent) for env in environments]
+    # Sessions of their own: a terminal's Ctrl-C reaches the launcher alone, which passes it on once.
+    workers = [subprocess.Popen(list(command), env=env, preexec_fn=die_with_parent, start_new_session=True)
+               for env in environments]
     stopping: Optional[float] = None  # when the workers were told to stop
 
     def stop(signum, frame):

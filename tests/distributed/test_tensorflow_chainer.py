@@ -9,7 +9,6 @@ with ``trainer.devices=2``: a killed rank and a Ctrl-C leave no RUNNING MLflow r
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -22,6 +21,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
+from cnnrun.distributed.world import detect_world
+from tests.distributed.test_processes import (
+    RUN, STOP_WITHIN_S, _alive, _descendants, _finish, _kill_group, _start, _wait_for,
+)
 from tests.helpers import CNNRUN, ROOT, mlflow_runs, run_cli
 from tests.tiny import TINY
 
@@ -94,62 +97,15 @@ def test_chainer_refuses_synchronised_batchnorm_before_starting(tmp_path):
 # --------------------------------------------------------------------------------------------------- stopping
 
 
-def _session_processes(session: int) -> List[int]:
-    """Live processes of a session (the launcher's, started with start_new_session): its workers too."""
-    found = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            found.append(int(Path(stat).parent.name))
-    return found
-
-
-def _start(tmp_path: Path, framework_name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("CNNRUN_DEBUG", None)
-    args = [*TINY, *FRAMEWORKS[framework_name], "trainer.devices=2", "trainer.epochs=50", "trainer.patience=null",
-            "trainer.batch_size=16", "trainer.log_every=1"]
-    return subprocess.Popen(CNNRUN + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _wait_for_training(process: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> None:
-    """Until rank 0 has a RUNNING MLflow run and has finished its first epoch (every rank is then training)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        if (tmp_path / "mlflow.db").exists():
-            client, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
-            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
-                return
-        time.sleep(1)
-    raise AssertionError("training did not start")
-
-
-def _rank_pids(launcher: int) -> List[int]:
-    """The worker processes (python -m cnnrun, not the launcher, not mpiexec) in the launcher's session."""
-    pids = []
-    for pid in _session_processes(launcher):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if pid != launcher and b"cnnrun" in cmdline and Path(cmdline[0].decode()).name.startswith("python"):
-            pids.append(pid)
-    return pids
-
-
-def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
+def _rank_of(pid: int) -> Optional[int]:
+    """The rank a process was started as, read from its environment as cnnrun reads its own (None: no rank)."""
     try:
-        out, _ = process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return out
+        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    env = dict(v.decode(errors="replace").split("=", 1) for v in variables if b"=" in v)
+    world = detect_world(env)
+    return world.rank if world.started else None
 
 
 @pytest.mark.parametrize("framework_name", ["tensorflow", "chainer"])
@@ -157,21 +113,29 @@ def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
 def test_a_stopped_run_ends_every_rank_and_its_mlflow_run(framework_name, how, tmp_path):
     if framework_name == "chainer" and MPI_MISSING:
         pytest.skip("no mpiexec")
-    process = _start(tmp_path, framework_name)
+    launcher = _start(CNNRUN + RUN + FRAMEWORKS[framework_name] + ["trainer.devices=2", "trainer.epochs=100"],
+                      tmp_path)
+    log: List[str] = []
     try:
-        _wait_for_training(process, tmp_path)
-        ranks = _rank_pids(process.pid)
-        assert len(ranks) == 2, ranks
+        _wait_for(launcher, "epoch 1/100", log)
+        workers = _descendants(launcher.pid)
+        ranks = {_rank_of(pid): pid for pid in workers if _rank_of(pid) is not None}
+        assert sorted(ranks) == [0, 1], log
         if how == "rank crash":
-            os.kill(max(ranks), signal.SIGKILL)  # the later-started rank: not rank 0, which tracks the run
+            os.kill(ranks[1], signal.SIGKILL)  # a rank that dies without a word (out of memory, a segfault)
         else:
-            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        out = _finish(process)
+            launcher.send_signal(signal.SIGINT)  # Ctrl-C in its terminal (the workers run in sessions of their own)
+        started = time.monotonic()
+        code = _finish(launcher, log, STOP_WITHIN_S)
+        stopped_after = time.monotonic() - started
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(launcher)
+    output = "".join(log)
     expected_code, expected_status = (1, "FAILED") if how == "rank crash" else (130, "KILLED")
-    assert process.returncode == expected_code, out[-3000:]
-    assert _session_processes(process.pid) == [], "a worker outlived its launcher"
-    _, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
-    assert [run.info.status for run in runs] == [expected_status], out[-3000:]
+    assert code == expected_code, output[-4000:]
+    assert stopped_after < STOP_WITHIN_S
+    assert not _alive(workers), "a worker outlived its launcher"
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [run.info.status for run in runs] == [expected_status], output[-4000:]
+    if how == "Ctrl-C":
+        assert output.count("state saved") == 1, output[-4000:]  # rank 0 saved once
