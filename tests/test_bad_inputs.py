@@ -63,9 +63,9 @@ CASES = [
     ("trainer-batch-zero", ["trainer.batch_size=0"], ["trainer.batch_size"]),
     ("trainer-patience-zero", ["trainer.patience=0"], ["trainer.patience"]),
     ("trainer-devices-zero", ["trainer.devices=0"], ["trainer.devices", "greater than 0"]),
-    ("trainer-devices-framework", ["framework=tensorflow", "trainer.devices=2"],
-     ["trainer.devices: framework=tensorflow cannot train on several processes here (trainer.devices=2); these "
-      "can: framework=torch, framework=keras with framework.backend=torch"]),
+    ("trainer-sync-batchnorm-chainer", ["framework=chainer", "trainer.devices=2", "trainer.sync_batchnorm=true"],
+     ["trainer.sync_batchnorm: true: framework=chainer cannot synchronise batchnorm: ChainerMN's "
+      "MultiNodeBatchNormalization"]),
     ("trainer-devices-batch", ["trainer.devices=3", "trainer.batch_size=2"],
      ["trainer.batch_size=2 on 3 processes", "fewer than one per process"]),
     ("optimizer-negative-lr", ["optimizer.lr=-1"], ["optimizer.lr"]),

@@ -44,7 +44,7 @@ import importlib
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
-from cnnrun.distributed.world import SINGLE, World, detect_world
+from cnnrun.distributed.world import MPI, SINGLE, TF_CONFIG, TORCHRUN, World, detect_world
 from cnnrun.errors import Problem, UserError
 
 # The collective operations' time limit: a rank that stops answering (hung, or gone without closing its
@@ -59,6 +59,10 @@ ENGINES: Dict[str, str] = {
     "tensorflow": "cnnrun.distributed.tensorflow",
     "keras:tensorflow": "cnnrun.distributed.tensorflow",
     "chainer": "cnnrun.distributed.chainer",
+}
+# Engine key → the launcher whose worlds it joins (who set the environment detect_world reads).
+JOINS: Dict[str, str] = {
+    "torch": TORCHRUN, "keras:torch": TORCHRUN, "tensorflow": TF_CONFIG, "keras:tensorflow": TF_CONFIG, "chainer": MPI,
 }
 # Engines that cannot synchronise batchnorm, and why (trainer.sync_batchnorm=true is refused before training).
 NO_SYNC_BATCHNORM: Dict[str, str] = {
@@ -112,6 +116,9 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
         what = f"trainer.devices={devices}" if devices > 1 else f"this process was started by {world.source}"
         return [Problem("trainer.devices", f"{describe(key)} cannot train on several "
                                            f"processes here ({what}); these can: {supported()}")]
+    if world.started and world.source != JOINS[key]:
+        return [Problem("trainer.devices", f"{describe(key)} joins worlds started by {JOINS[key]} (or "
+                                           f"trainer.devices); this process was started by {world.source}")]
     if trainer.get("sync_batchnorm") is True and key in NO_SYNC_BATCHNORM:
         return [Problem("trainer.sync_batchnorm", f"true: {NO_SYNC_BATCHNORM[key]}")]
     if world.started and devices not in (1, world.local_size):

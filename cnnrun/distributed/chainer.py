@@ -12,6 +12,7 @@ whose ``libmpi.so.40`` the mpi4py wheel loads. Synchronised batchnorm is refused
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ import numpy as np
 from cnnrun.distributed import WorkersFailed
 from cnnrun.distributed.local_workers import run_workers
 from cnnrun.distributed.shard import loss_weight
-from cnnrun.distributed.world import MPI, World
+from cnnrun.distributed.world import World
 from cnnrun.errors import TrainingInterrupted, UserError
 
 LAUNCHER = "mpiexec (ChainerMN)"
@@ -34,6 +35,9 @@ MPI_HINT = ("install the mpi extra (`pip install 'cnnrun[mpi]'`, mpi4py) and Ope
 def mpiexec_command(nprocs: int) -> list:
     """``mpiexec -n N`` with the flags Open MPI needs on one machine: more ranks than cores is allowed, and so is
     running as root (containers, CI)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        raise UserError(f"trainer.devices={nprocs} with framework=chainer needs mpi4py, which is not installed; "
+                        f"{MPI_HINT}")
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
         raise UserError(f"trainer.devices={nprocs} with framework=chainer starts its ranks with mpiexec, which is "
@@ -85,9 +89,6 @@ class MpiCollective:
 def join(world: World, device) -> MpiCollective:
     from cnnrun.backends.chainer_env import import_chainer
 
-    if world.source != MPI:
-        raise UserError(f"framework=chainer joins worlds started by mpiexec (or trainer.devices); this process "
-                        f"was started by {world.source}")
     import_chainer()  # chainermn imports chainer: through cnnrun's import fixes
     try:
         import chainermn

@@ -27,8 +27,8 @@ import numpy as np
 
 from cnnrun.distributed import COLLECTIVE_TIMEOUT_S, WorkersFailed
 from cnnrun.distributed.local_workers import run_workers
-from cnnrun.distributed.world import TF_CONFIG, World
-from cnnrun.errors import TrainingInterrupted, UserError
+from cnnrun.distributed.world import World
+from cnnrun.errors import TrainingInterrupted
 
 LAUNCHER = "TF_CONFIG workers (tf.distribute.MultiWorkerMirroredStrategy)"
 
@@ -129,9 +129,6 @@ def join(world: World, device) -> TensorFlowCollective:
     GPU it sees); that must happen before TensorFlow initialises its devices, so before any runner exists."""
     from cnnrun.backends.tensorflow import GPUS, tf
 
-    if world.source != TF_CONFIG:
-        raise UserError(f"framework=tensorflow joins worlds described by TF_CONFIG (or trainer.devices); this "
-                        f"process was started by {world.source}, which gives TensorFlow no cluster spec")
     if device.kind == "cpu" or not GPUS:
         tf.config.set_visible_devices([], "GPU")
     elif device.cuda_index < len(GPUS):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnrun.config import DeviceConfig
-from cnnrun.distributed import devices_problems, rank_device
+from cnnrun.distributed import ENGINES, devices_problems, rank_device
 from cnnrun.distributed.launch import LAUNCHER_PID, rank_hydra_args, worker_args
 from cnnrun.distributed.session import check_batches
 from cnnrun.distributed.shard import loss_weight, shard_bounds, shard_sizes, take_shard
@@ -83,16 +83,26 @@ def _raw(**trainer):
     return {"task": "train", "framework": {"name": "torch"}, "trainer": {"devices": 1, **trainer}}
 
 
-def test_devices_are_refused_for_frameworks_without_an_engine_and_the_message_lists_those_with_one():
-    assert devices_problems(_raw(devices=2)) == []
-    keras_torch = {**_raw(devices=2), "framework": {"name": "keras", "backend": "torch"}}
-    assert devices_problems(keras_torch) == []
+def test_devices_are_refused_for_frameworks_without_an_engine_and_the_message_lists_those_with_one(monkeypatch):
+    for framework in ({"name": "torch"}, {"name": "tensorflow"}, {"name": "chainer"},
+                      {"name": "keras", "backend": "torch"}, {"name": "keras", "backend": "tensorflow"}):
+        assert devices_problems({**_raw(devices=2), "framework": framework}) == [], framework
+    monkeypatch.delitem(ENGINES, "keras:tensorflow")
     keras_tf = {**_raw(devices=2), "framework": {"name": "keras", "backend": "tensorflow"}}
     (problem,) = devices_problems(keras_tf)
     assert problem.key == "trainer.devices"
     assert problem.message.startswith("framework=keras with framework.backend=tensorflow cannot train on several")
-    assert problem.message.endswith("these can: framework=torch, framework=keras with framework.backend=torch")
+    assert problem.message.endswith("these can: framework=torch, framework=keras with framework.backend=torch, "
+                                    "framework=tensorflow, framework=chainer")
     assert devices_problems({**_raw(devices=2), "task": "eval"}) == []  # other tasks run in one process
+
+
+def test_chainer_refuses_synchronised_batchnorm_and_says_why():
+    chainer = {**_raw(devices=2, sync_batchnorm=True), "framework": {"name": "chainer"}}
+    (problem,) = devices_problems(chainer)
+    assert problem.key == "trainer.sync_batchnorm" and "MultiNodeBatchNormalization" in problem.message
+    assert devices_problems({**chainer, "trainer": {"devices": 2, "sync_batchnorm": False}}) == []
+    assert devices_problems({**_raw(devices=2, sync_batchnorm=True), "framework": {"name": "tensorflow"}}) == []
 
 
 def test_under_a_launcher_devices_is_the_launchers_count_or_left_at_one(monkeypatch):
@@ -102,6 +112,7 @@ def test_under_a_launcher_devices_is_the_launchers_count_or_left_at_one(monkeypa
     (problem,) = devices_problems(_raw(devices=4))
     assert "started by torchrun as one of 2 on this machine" in problem.message
     (problem,) = devices_problems({**_raw(), "framework": {"name": "chainer"}})
+    assert "framework=chainer joins worlds started by mpi" in problem.message
     assert "this process was started by torchrun" in problem.message
 
 

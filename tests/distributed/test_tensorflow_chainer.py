@@ -25,8 +25,7 @@ from cnnrun.distributed.world import detect_world
 from tests.distributed.test_processes import (
     RUN, STOP_WITHIN_S, _alive, _descendants, _finish, _kill_group, _start, _wait_for,
 )
-from tests.helpers import CNNRUN, ROOT, mlflow_runs, run_cli
-from tests.tiny import TINY
+from tests.helpers import CNNRUN, ROOT, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +83,6 @@ def test_two_ranks_train_what_one_process_trains(results):
         assert len(one[f"{case}/train_loss"]) == 2 and one[f"{case}/train_loss"][1] < one[f"{case}/train_loss"][0]
         for key in keys:
             np.testing.assert_allclose(two[key], one[key], rtol=0, atol=TOLERANCE[case], err_msg=key)
-
-
-def test_chainer_refuses_synchronised_batchnorm_before_starting(tmp_path):
-    result = run_cli([*TINY, "framework=chainer", "trainer.devices=2", "trainer.sync_batchnorm=true"], tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "trainer.sync_batchnorm" in result.stderr and "MultiNodeBatchNormalization" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "mlflow.db").exists()
 
 
 # --------------------------------------------------------------------------------------------------- stopping
