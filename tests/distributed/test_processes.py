@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Callable, Dict, List, Optional, Set
 
 import numpy as np
 import pytest
 
 from cnnrun import checkpoint as ckpt_io
+from cnnrun.distributed.world import detect_world
 from tests.helpers import CNNRUN, ROOT, mlflow_runs
 from tests.tiny import TINY, free_port
 
@@ -72,13 +73,15 @@ def _alive(pids: Set[int]) -> Set[int]:
     return alive
 
 
-def _rank_of(pid: int):
+def _rank_of(pid: int) -> Optional[int]:
+    """The rank a process was started as, read from its environment as cnnrun reads its own (torchrun, TF_CONFIG,
+    MPI); None for a process that is no rank (a launcher, mpiexec)."""
     try:
         variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
-    ranks = [v.split(b"=", 1)[1] for v in variables if v.startswith(b"RANK=")]
-    return int(ranks[0]) if ranks else None
+    world = detect_world(dict(v.decode(errors="replace").split("=", 1) for v in variables if b"=" in v))
+    return world.rank if world.started else None
 
 
 def _wait_for(process: subprocess.Popen, text: str, log: List[str], timeout: float = 240) -> None:
@@ -186,24 +189,34 @@ def test_ctrl_c_stops_every_rank_the_run_resumes_on_one_process_and_two_nodes_tr
     assert [(run.info.status, run.data.params["world_size"]) for run in runs] == [("FINISHED", "2")]
 
 
-def test_a_crashed_rank_stops_the_others_and_the_run_ends_failed(tmp_path):
-    launcher = _start(CNNRUN + RUN + ["trainer.devices=2", "trainer.epochs=100"], tmp_path)
+def stopped_run(args: List[str], cwd: Path, stop: Callable[[subprocess.Popen, Dict[int, int]], None]):
+    """Start ``cnnrun ARGS`` on 2 processes for 100 epochs, call ``stop(launcher, {rank: pid})`` once epoch 1 is
+    done, and wait for every process to end: (exit code, output, the workers' pids, seconds the stop took)."""
+    launcher = _start(CNNRUN + args + ["trainer.devices=2", "trainer.epochs=100"], cwd)
     log: List[str] = []
     try:
         _wait_for(launcher, "epoch 1/100", log)
         workers = _descendants(launcher.pid)
-        rank1 = [pid for pid in workers if _rank_of(pid) == 1]
-        assert len(rank1) == 1
-        os.kill(rank1[0], signal.SIGKILL)  # a rank that dies without a word (out of memory, a segfault)
+        ranks = {_rank_of(pid): pid for pid in workers if _rank_of(pid) is not None}
+        assert sorted(ranks) == [0, 1], "".join(log)[-4000:]
+        stop(launcher, ranks)
         started = time.monotonic()
         code = _finish(launcher, log, STOP_WITHIN_S)
         stopped_after = time.monotonic() - started
     finally:
         _kill_group(launcher)
-    output = "".join(log)
+    assert stopped_after < STOP_WITHIN_S
+    assert not _alive(workers), "a worker outlived its launcher"
+    return code, "".join(log), workers, stopped_after
+
+
+def kill_rank_1(launcher: subprocess.Popen, ranks: Dict[int, int]) -> None:
+    os.kill(ranks[1], signal.SIGKILL)  # a rank that dies without a word (out of memory, a segfault)
+
+
+def test_a_crashed_rank_stops_the_others_and_the_run_ends_failed(tmp_path):
+    code, output, _, _ = stopped_run(RUN, tmp_path, kill_rank_1)
     assert code == 1, output[-4000:]
     assert "rank 1 was killed by SIGKILL" in output, output[-4000:]
-    assert stopped_after < STOP_WITHIN_S
-    assert not _alive(workers)
     _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [run.info.status for run in runs] == ["FAILED"]

@@ -14,18 +14,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
 
-from cnnrun.distributed.world import detect_world
-from tests.distributed.test_processes import (
-    RUN, STOP_WITHIN_S, _alive, _descendants, _finish, _kill_group, _start, _wait_for,
-)
-from tests.helpers import CNNRUN, ROOT, mlflow_runs
+from tests.distributed.test_processes import RUN, kill_rank_1, stopped_run
+from tests.helpers import ROOT, mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +84,8 @@ def test_two_ranks_train_what_one_process_trains(results):
 # --------------------------------------------------------------------------------------------------- stopping
 
 
-def _rank_of(pid: int) -> Optional[int]:
-    """The rank a process was started as, read from its environment as cnnrun reads its own (None: no rank)."""
-    try:
-        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    env = dict(v.decode(errors="replace").split("=", 1) for v in variables if b"=" in v)
-    world = detect_world(env)
-    return world.rank if world.started else None
+def ctrl_c(launcher: subprocess.Popen, ranks) -> None:
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C in its terminal (the workers run in sessions of their own)
 
 
 @pytest.mark.parametrize("framework_name", ["tensorflow", "chainer"])
@@ -104,28 +93,10 @@ def _rank_of(pid: int) -> Optional[int]:
 def test_a_stopped_run_ends_every_rank_and_its_mlflow_run(framework_name, how, tmp_path):
     if framework_name == "chainer" and MPI_MISSING:
         pytest.skip("no mpiexec")
-    launcher = _start(CNNRUN + RUN + FRAMEWORKS[framework_name] + ["trainer.devices=2", "trainer.epochs=100"],
-                      tmp_path)
-    log: List[str] = []
-    try:
-        _wait_for(launcher, "epoch 1/100", log)
-        workers = _descendants(launcher.pid)
-        ranks = {_rank_of(pid): pid for pid in workers if _rank_of(pid) is not None}
-        assert sorted(ranks) == [0, 1], log
-        if how == "rank crash":
-            os.kill(ranks[1], signal.SIGKILL)  # a rank that dies without a word (out of memory, a segfault)
-        else:
-            launcher.send_signal(signal.SIGINT)  # Ctrl-C in its terminal (the workers run in sessions of their own)
-        started = time.monotonic()
-        code = _finish(launcher, log, STOP_WITHIN_S)
-        stopped_after = time.monotonic() - started
-    finally:
-        _kill_group(launcher)
-    output = "".join(log)
+    stop = kill_rank_1 if how == "rank crash" else ctrl_c
+    code, output, _, _ = stopped_run(RUN + FRAMEWORKS[framework_name], tmp_path, stop)
     expected_code, expected_status = (1, "FAILED") if how == "rank crash" else (130, "KILLED")
     assert code == expected_code, output[-4000:]
-    assert stopped_after < STOP_WITHIN_S
-    assert not _alive(workers), "a worker outlived its launcher"
     _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [run.info.status for run in runs] == [expected_status], output[-4000:]
     if how == "Ctrl-C":
