@@ -522,8 +522,10 @@ def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state
 
 
 def cross_entropies(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
-    """Each sample's softmax cross-entropy (the softmax layer is fused in here). With label smoothing ε, PyTorch's definition:
-    (1-ε)·(-log p_label) + ε·mean over classes of (-log p)."""
+    """Each sample's softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
+
+    With label smoothing ε, PyTorch's definition: (1-ε)·(-log p_label) + ε·mean over classes of (-log p).
+    """
     if not label_smoothing:
         return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     log_p = tf.nn.log_softmax(logits)

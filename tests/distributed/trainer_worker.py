@@ -7,8 +7,8 @@ what each case computed. For tests/distributed/test_parallel_equivalence.py.
 
 The path is the production one below the CLI: the engine (ENGINE: torch, the default, tensorflow or chainer) joins
 the world (gloo; TF_CONFIG workers; MPI), wraps the runner (gradients averaged, and synchronised batchnorm where the
-case asks), and :class:`cnnrun.distributed.runner.ShardedRunner` takes each rank's rows of every global batch. Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and
-``<case>/weights/<tensor>``.
+case asks), and :class:`cnnrun.distributed.runner.ShardedRunner` takes each rank's rows of every global batch.
+Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and ``<case>/weights/<tensor>``.
 """
 
 from __future__ import annotations
