@@ -136,6 +136,9 @@ class TrainerConfig(_Group):
     resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
     progress: bool = True
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    devices: int = Field(default=1, gt=0, description="Data-parallel processes on this machine (GPUs, or CPU "
+                                                      "processes); batch_size stays the global batch.")
+    sync_batchnorm: bool = Field(default=False, description="Batchnorm statistics over all processes' rows.")
 
 
 class TrackingConfig(_Group):

@@ -62,6 +62,12 @@ CASES = [
     ("trainer-epochs-abc", ["trainer.epochs=abc"], ["trainer.epochs: expected an integer; received 'abc'"]),
     ("trainer-batch-zero", ["trainer.batch_size=0"], ["trainer.batch_size"]),
     ("trainer-patience-zero", ["trainer.patience=0"], ["trainer.patience"]),
+    ("trainer-devices-zero", ["trainer.devices=0"], ["trainer.devices", "greater than 0"]),
+    ("trainer-sync-batchnorm-chainer", ["framework=chainer", "trainer.devices=2", "trainer.sync_batchnorm=true"],
+     ["trainer.sync_batchnorm: true: framework=chainer cannot synchronise batchnorm: ChainerMN's "
+      "MultiNodeBatchNormalization"]),
+    ("trainer-devices-batch", ["trainer.devices=3", "trainer.batch_size=2"],
+     ["trainer.batch_size=2 on 3 processes", "fewer than one per process"]),
     ("optimizer-negative-lr", ["optimizer.lr=-1"], ["optimizer.lr"]),
     ("optimizer-unknown", ["optimizer.name=adamx"], ["optimizer.name", "'adamw'"]),
     ("dataset-fraction", ["dataset.val_fraction=1.5"], ["dataset.val_fraction"]),

@@ -349,6 +349,8 @@ class ChainerRunner:
         self.clip_norm = optimizer.clip_norm
         self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
+        self.communicator = None  # a ChainerMN communicator once this process trains as one rank of several
+        self.loss_weight = 1.0  # then: the factor on this rank's mean loss (cnnrun.distributed.shard.loss_weight)
         self._zero_metrics()
         if self.xp is np:
             self.device_name = "cpu"
@@ -389,14 +391,22 @@ class ChainerRunner:
                 partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
                 loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
-            loss.backward()
-            if self.clip_norm:
-                self.optimizer.clip_gradients(self.clip_norm)
-            self.optimizer.update()
+            if self.communicator is None:
+                loss.backward()
+            else:  # weighted so that the mean over ranks of the gradients is the global batch's mean-loss gradient
+                (loss * self.loss_weight).backward()
+            self._update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
         self._correct += (logits.array.argmax(axis=1) == t).sum()
         self._count += len(labels)
+
+    def _update(self) -> None:
+        if self.communicator is not None:
+            self.communicator.multi_node_mean_grad(self.net)
+        if self.clip_norm:
+            self.optimizer.clip_gradients(self.clip_norm)
+        self.optimizer.update()
 
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.lr = lr

@@ -119,6 +119,16 @@ def framework_version() -> str:
 # --------------------------------------------------------------------------------------------------- layers
 
 
+# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
+# count), set by a data-parallel engine (cnnrun.distributed); None: this process's batch alone.
+_batch_moments: Optional[Callable] = None
+
+
+def set_batch_moments(moments: Optional[Callable]) -> None:
+    global _batch_moments
+    _batch_moments = moments
+
+
 @functools.lru_cache(maxsize=None)
 def custom_layers() -> SimpleNamespace:
     """The few layers and activations Keras lacks, defined once Keras is imported (their base classes come from
@@ -196,9 +206,12 @@ def custom_layers() -> SimpleNamespace:
         def call(self, inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             if training and self.trainable:
-                mean = ops.mean(x, axis=self._reduction_axes)
-                variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
-                n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
+                if _batch_moments is not None:  # statistics over every rank's rows (trainer.sync_batchnorm)
+                    mean, variance, n = _batch_moments(x, self._reduction_axes)
+                else:
+                    mean = ops.mean(x, axis=self._reduction_axes)
+                    variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
+                    n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
                 unbiased = variance * n / ops.maximum(n - 1.0, 1.0)
                 keep = self.momentum
                 self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))

@@ -113,7 +113,10 @@ def resolve_device(device) -> Tuple[str, str]:
     # float32 keeps its outputs equal to the other frameworks' (torch's framework.tf32 is the opt-in there).
     tf.config.experimental.enable_tensor_float_32_execution(False)
     details = tf.config.experimental.get_device_details(GPUS[index])
-    return f"/GPU:{index}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
+    # TensorFlow numbers the GPUs it was allowed to use (a data-parallel rank is allowed only its own one).
+    visible = tf.config.get_visible_devices("GPU")
+    logical = visible.index(GPUS[index]) if GPUS[index] in visible else index
+    return f"/GPU:{logical}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
 
 
 def configure_threads(threads: Optional[int]) -> None:
@@ -284,8 +287,7 @@ def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
 
     def normalise(x, training, axes):
         if training:
-            mean, variance = tf.nn.moments(x, axes=axes)  # the mean of squared deviations: no cancellation
-            n = tf.cast(tf.size(x) // tf.size(mean), x.dtype)
+            mean, variance, n = batch_moments(x, axes, ctx.sync_batchnorm)
             update(mean, variance * n / tf.maximum(n - 1.0, 1.0))  # unbiased, as PyTorch
         else:
             mean, variance = mean_var, var_var
@@ -293,6 +295,23 @@ def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
         return (x - mean) * (gamma * tf.math.rsqrt(variance + spec.epsilon)) + beta
 
     return Built(batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0])), tensors)
+
+
+def batch_moments(x: tf.Tensor, axes: List[int], synced: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(mean, biased variance, count) of ``x`` over ``axes``: of this replica's batch, or with ``synced`` of the
+    global batch across every replica of a tf.distribute strategy (SyncBatchNorm; shards may differ in size).
+
+    Both are means of exact sums and squared deviations, so the synced statistics equal one process's on the
+    whole batch up to the order of additions."""
+    if not synced:
+        mean, variance = tf.nn.moments(x, axes=axes)  # the mean of squared deviations: no cancellation
+        return mean, variance, tf.cast(tf.size(x) // tf.size(mean), x.dtype)
+    replicas = tf.distribute.get_replica_context()
+    count = tf.cast(tf.size(x) // x.shape[-1], x.dtype)
+    total, count = replicas.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axis=axes), count])
+    mean = total / count
+    squares = replicas.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axis=axes))
+    return mean, squares / count, count
 
 
 def _activation(layer: CompiledLayer, ctx: BuildContext) -> Op:
@@ -345,11 +364,16 @@ class Network:
 
     def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
         self.rng = tf.random.Generator.from_seed(seed)
-        ctx = BuildContext(BUILDERS, initial=initial, rng=self.rng)
+        # sync_batchnorm: batchnorm statistics over every replica's shard (read when a training step is traced).
+        self._ctx = ctx = BuildContext(BUILDERS, initial=initial, rng=self.rng, sync_batchnorm=False)
         self.ops = [ctx.build(layer) for layer in model.layers]
         self.variables = Variables(ctx)
         perm = flatten_permutation(model)
         self.output_perm = None if perm is None else tf.constant(perm)
+
+    def synchronise_batchnorm(self) -> None:
+        """Batchnorm layers take their training statistics over every replica of a tf.distribute strategy."""
+        self._ctx.sync_batchnorm = True
 
     def random_state(self) -> Dict[str, np.ndarray]:
         """The dropout generator's state, so that a resumed run draws the masks it would have drawn."""
@@ -507,17 +531,17 @@ def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state
 # --------------------------------------------------------------------------------------------------- runner
 
 
-def sparse_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
-    """Mean softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
+def cross_entropies(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Each sample's softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
 
     With label smoothing ε, PyTorch's definition: (1-ε)·(-log p_label) + ε·mean over classes of (-log p).
     """
     if not label_smoothing:
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     log_p = tf.nn.log_softmax(logits)
     nll = -tf.gather(log_p, labels, axis=1, batch_dims=1)
     uniform = -tf.reduce_mean(log_p, axis=1)
-    return tf.reduce_mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
 class TensorFlowRunner:
@@ -545,33 +569,57 @@ class TensorFlowRunner:
             self._loss_sum = tf.Variable(0.0, trainable=False)
             self._correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._count = 0
-        c, h, w = model.input_shape
+        self.jit = bool(options.jit_compile)
+        self.strategy = None  # a tf.distribute strategy once this process trains as one replica of several
+        self.global_batch: Optional[int] = None  # then: the size of the global batch the next step's is a shard of
+        self._compile()
+
+    def _compile(self) -> None:
+        c, h, w = self.model.input_shape
         images = tf.TensorSpec((None, h, w, c), tf.uint8)
         labels = tf.TensorSpec((None,), tf.int64)
+        scalar = tf.TensorSpec((), tf.float32)
         # Fixed signatures: one trace serves every batch size, the last short batch included.
-        jit = bool(options.jit_compile)
-        self._train = tf.function(self._train_step, input_signature=[images, labels], jit_compile=jit)
+        jit = self.jit
+        step = self._train_step if self.strategy is None else self._replica_step
+        self._train = tf.function(step, input_signature=[images, labels, scalar], jit_compile=jit)
         # Mixup/cutmix batches: their own trace (partner labels and λ), so plain batches pay nothing for them.
-        lam = tf.TensorSpec((), tf.float32)
-        self._train_mixed = tf.function(self._train_step, input_signature=[images, labels, labels, lam],
+        self._train_mixed = tf.function(step, input_signature=[images, labels, scalar, labels, scalar],
                                         jit_compile=jit)
         self._predict = tf.function(self.logits, input_signature=[images], jit_compile=jit)
+
+    def distribute(self, strategy) -> None:
+        """Train as one replica of ``strategy`` (one per worker process): each step all-reduces the gradients.
+        The variables stay this process's own; every replica starts from the same ones and applies the same
+        summed gradients, so they stay equal."""
+        self.strategy = strategy
+        self._compile()
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
         return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, partners=None, lam=None) -> None:
+    def _replica_step(self, *args) -> None:
+        self.strategy.run(self._train_step, args=args)
+
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, total: tf.Tensor, partners=None, lam=None) -> None:
+        """One step on this process's images. ``total``: the samples of the global batch these are a shard of;
+        the objective is their summed loss over ``total``, so the gradients summed over every shard are the
+        gradient of the global batch's mean loss."""
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
             logits = self.net(self._inputs(images), training=True)
-            loss = sparse_cross_entropy(labels, logits, self.label_smoothing)
+            loss_sum = tf.reduce_sum(cross_entropies(labels, logits, self.label_smoothing))
             if partners is not None:
-                loss = lam * loss + (1.0 - lam) * sparse_cross_entropy(partners, logits, self.label_smoothing)
-        grads = tape.gradient(loss, variables)
+                partner_sum = tf.reduce_sum(cross_entropies(partners, logits, self.label_smoothing))
+                loss_sum = lam * loss_sum + (1.0 - lam) * partner_sum
+            objective = loss_sum / total
+        grads = tape.gradient(objective, variables)
+        if self.strategy is not None:
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if self.clip_norm:
             grads = clip_by_global_norm(grads, self.clip_norm)
         self.optimizer.apply(grads, variables)
-        self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
+        self._loss_sum.assign_add(loss_sum)
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
     def logits(self, images: tf.Tensor) -> tf.Tensor:
@@ -579,11 +627,12 @@ class TensorFlowRunner:
         return self.net(self._inputs(images), training=False)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        total = np.float32(len(labels) if self.global_batch is None else self.global_batch)
         with tf.device(self.device):
             if mix is None:
-                self._train(images, labels.astype(np.int64, copy=False))
+                self._train(images, labels.astype(np.int64, copy=False), total)
             else:
-                self._train_mixed(images, labels.astype(np.int64, copy=False),
+                self._train_mixed(images, labels.astype(np.int64, copy=False), total,
                                   mix.partner_labels.astype(np.int64, copy=False), np.float32(mix.lam))
         self._count += len(labels)
 
