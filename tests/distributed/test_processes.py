@@ -186,6 +186,26 @@ def test_ctrl_c_stops_every_rank_the_run_resumes_on_one_process_and_two_nodes_tr
     assert [(run.info.status, run.data.params["world_size"]) for run in runs] == [("FINISHED", "2")]
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM to rank 1 alone (a scheduler preempting one process): the ranks agree at the next sync, so both stop
+    after the same step; had rank 1 stopped alone, rank 0 would fail waiting for it and the run would end FAILED."""
+    launcher = _start(CNNRUN + RUN + ["trainer.devices=2", "trainer.epochs=100"], tmp_path)
+    log: List[str] = []
+    try:
+        _wait_for(launcher, "epoch 1/100", log)
+        workers = _descendants(launcher.pid)
+        os.kill(next(pid for pid in workers if _rank_of(pid) == 1), signal.SIGTERM)
+        code = _finish(launcher, log, STOP_WITHIN_S)
+    finally:
+        _kill_group(launcher)
+    output = "".join(log)
+    assert code == 130, output[-4000:]
+    assert output.count("state saved") == 1 and "stopped by another rank's stop request" in output, output[-4000:]
+    assert not _alive(workers)
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [run.info.status for run in runs] == ["KILLED"]
+
+
 def test_a_crashed_rank_stops_the_others_and_the_run_ends_failed(tmp_path):
     launcher = _start(CNNRUN + RUN + ["trainer.devices=2", "trainer.epochs=100"], tmp_path)
     log: List[str] = []
