@@ -52,6 +52,9 @@ KERAS_BACKENDS = ("tensorflow", "torch")
 OWN_KERAS_HOME = Path(__file__).with_name("keras_home")
 # The settings cnnrun's Keras network assumes, pinned again when Keras was imported before cnnrun's import.
 PINNED_CONFIG = {"image_data_format": "channels_last", "floatx": "float32", "epsilon": 1e-7}
+# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
+# count), set by a data-parallel engine (cnnrun.distributed, see set_batch_moments); None: this process's batch.
+_batch_moments: Optional[Callable] = None
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -99,6 +102,11 @@ def _pinned(keras):
         if getattr(keras.config, name)() != value:
             getattr(keras.config, f"set_{name}")(value)
     return keras
+
+
+def set_batch_moments(moments: Optional[Callable]) -> None:
+    global _batch_moments
+    _batch_moments = moments
 
 
 def _keras():
