@@ -59,10 +59,10 @@ class SweepCallback(Callback):
         from cnnrun.sweep.parent import open_parent
 
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        sweep_state.clear_records(self.sweep_dir)
         try:
             check_tracking(config)  # jobs on other machines cannot write to a local store: refuse before any job
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            sweep_state.clear_records(self.sweep_dir)
             self.state = open_parent(config, self.sweep_dir)
         except UserError as err:  # e.g. the tracking server is down: stop before any job (Hydra would go on)
             print(err.render(), file=sys.stderr)

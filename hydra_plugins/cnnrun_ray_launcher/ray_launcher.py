@@ -46,7 +46,7 @@ class RayLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():  # once per sweep: an Optuna search launches a batch at a time
-            ray.init(**_settings(self.ray_cfg.get("init")))
+            _connect(ray, _settings(self.ray_cfg.get("init")))
         remote_options = _settings(self.ray_cfg.get("remote"))
         task = ray.remote(**remote_options)(_run_job) if remote_options else ray.remote(_run_job)
         log.info(f"Ray launcher: {len(job_overrides)} jobs on {ray.get_runtime_context().gcs_address}, "
@@ -74,6 +74,22 @@ def _result(ref, overrides, sweep_config: DictConfig) -> JobReturn:
         failed = JobReturn(overrides=overrides, cfg=sweep_config, status=JobStatus.FAILED)
         failed.return_value = err
         return failed
+
+
+def _connect(ray, init: Dict[str, Any]) -> None:
+    """ray.init, with a cluster that cannot be reached (address, token authentication) as a user error."""
+    from cnnrun.errors import UserError
+
+    try:
+        ray.init(**init)
+    except Exception as err:  # Ray raises ConnectionError, RuntimeError or its own errors here
+        cause = err.__cause__ or err
+        reason = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise UserError(
+            f"hydra.launcher.ray.init.address={init.get('address')}: Ray cannot connect: {reason[:400]}\n"
+            "  start the cluster (ray start --head), fix the address, and where the cluster uses token "
+            "authentication set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        ) from None
 
 
 def _settings(node: Any) -> Dict[str, Any]:
