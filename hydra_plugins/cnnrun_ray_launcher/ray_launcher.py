@@ -80,6 +80,11 @@ def _connect(ray, init: Dict[str, Any]) -> None:
     """ray.init, with a cluster that cannot be reached (address, token authentication) as a user error."""
     from cnnrun.errors import UserError
 
+    address = init.get("address")
+    unreachable = _unreachable(str(address)) if address else None
+    if unreachable:  # Ray itself would retry for minutes before it gives up
+        raise UserError(f"hydra.launcher.ray.init.address={address}: nothing answers there ({unreachable})\n"
+                        "  start the cluster (ray start --head on that node) or fix the address")
     try:
         ray.init(**init)
     except Exception as err:  # Ray raises ConnectionError, RuntimeError or its own errors here
@@ -90,6 +95,20 @@ def _connect(ray, init: Dict[str, Any]) -> None:
             "  start the cluster (ray start --head), fix the address, and where the cluster uses token "
             "authentication set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         ) from None
+
+
+def _unreachable(address: str, timeout: float = 5.0) -> Optional[str]:
+    """Why a HOST:PORT address takes no connection, or None (also for Ray's own words: auto, local, ray://...)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
 
 
 def _settings(node: Any) -> Dict[str, Any]:

@@ -193,3 +193,13 @@ def test_a_local_tracking_store_is_refused_for_jobs_on_other_machines(workdir, t
         in result.stderr
     assert not (workdir / "multirun").exists() and not (workdir / "mlflow.db").exists()  # nothing submitted
     assert "ConfigStore schema" not in result.stderr  # Hydra's warning about conf/hydra/launcher/'s names
+
+
+def test_an_unreachable_ray_cluster_is_a_user_error(workdir):
+    address = f"127.0.0.1:{free_port()}"
+    result = run_cli(["-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}",
+                      "tracking.enabled=false", *TINY, "optimizer.lr=1e-3,2e-3"], workdir, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"cnnrun: hydra.launcher.ray.init.address={address}: nothing answers there (Connection refused)" \
+        in result.stderr and "ray start --head" in result.stderr
+    assert not list(workdir.glob("multirun/*/*/0-*"))  # no job ran
