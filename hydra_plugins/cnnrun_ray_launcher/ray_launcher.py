@@ -4,7 +4,7 @@ on this machine. Ray places the tasks; this only submits them and collects what 
 Its settings have the shape of Hydra's own hydra-ray-launcher (``ray.init``: ray.init's arguments, ``address``
 among them; ``ray.remote``: each task's resources, ``num_cpus``, ``num_gpus``, ...). That plugin cannot be installed
 beside cnnrun's lock: every release requires cloudpickle < 3, and joblib 1.6 (the joblib launcher's) requires
-cloudpickle >= 3. Its local launcher is the few lines below; Ray itself brings its own cloudpickle.
+cloudpickle >= 3. What its RayLauncher does is the few lines below; Ray brings a cloudpickle of its own.
 
 Nothing here imports Ray until a sweep launches: Hydra imports every plugin module at start-up.
 """
