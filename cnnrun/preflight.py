@@ -73,9 +73,7 @@ def _framework(raw: Dict[str, Any]) -> List[Problem]:
     info = BACKENDS.get(name) if isinstance(name, str) else None
     if info is None:
         return []
-    needed = [info.package]
-    if name == "keras" and framework.get("backend") in BACKENDS:  # Keras 3 runs on a framework of its own
-        needed.append(BACKENDS[framework["backend"]].package)
+    needed = info.engine_packages(framework)  # Keras 3 runs on a framework of its own
     missing = [package for package in dict.fromkeys(needed) if importlib.util.find_spec(package) is None]
     return [Problem("framework.name", not_installed(name, package)) for package in missing]
 

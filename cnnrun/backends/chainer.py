@@ -12,11 +12,21 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    attribute_handles,
+    read_canonical,
+    slot_key,
+    slots_by_tensor,
+    write_canonical,
+)
+from cnnrun.backends.devices import gpu_index
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -27,8 +37,6 @@ from cnnrun.backends.chainer_env import (
     import_chainer,
     limit_cpu_threads,
 )
-from cnnrun.errors import UserError
-from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -38,7 +46,7 @@ import chainer.links as L  # noqa: E402
 
 from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
 
-LAYOUT = CHANNELS_FIRST
+LAYOUT = BACKENDS["chainer"].layout  # CHANNELS_FIRST
 NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
 _CURAND_PHILOX = 161  # cuRAND's CURAND_RNG_PSEUDO_PHILOX4_32_10 (a stable C enum value; CuPy's module path moved)
 _CUPY_VERSION: Optional[str] = None  # set once a runner really uses CuPy; part of framework_version()
@@ -86,7 +94,7 @@ class Fn(chainer.Link):
 class Conv(chainer.Chain):
     """conv2d: L.Convolution2D with its own symmetric padding, or F.pad first when the padding is uneven."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         spec = layer.spec
         symmetric = _symmetric(layer.pads)
@@ -112,7 +120,7 @@ class Conv(chainer.Chain):
 class MaxPool(chainer.Link):
     """maxpool without partial windows (cover_all=False); padded cells are -inf."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         self.size, self.stride = layer.spec.size, layer.spec.strides
         symmetric = _symmetric(layer.pads)
@@ -129,15 +137,15 @@ class MaxPool(chainer.Link):
 class AvgPool(chainer.Link):
     """Averages real cells only: Chainer's average (padded zeros over the full window area) times area/count."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         self.size, self.stride = layer.spec.size, layer.spec.strides
-        padded = any(sum(p) for p in layer.pads)
         symmetric = _symmetric(layer.pads)
         self.pad = (layer.pads[0][0], layer.pads[1][0]) if symmetric else (0, 0)
         self.pad_width = None if symmetric else _pad_width(layer.pads)
         # A persistent moves with the link to the GPU; it is not a weight (the tensor index never lists it).
-        self.add_persistent("scale", _real_cell_scale(layer) if padded else None)
+        scale = layer.real_cell_scale()
+        self.add_persistent("scale", None if scale is None else scale[None, None])
 
     def forward(self, x):
         if self.pad_width is not None:
@@ -146,22 +154,10 @@ class AvgPool(chainer.Link):
         return y if self.scale is None else y * F.broadcast_to(self.scale, y.shape)
 
 
-def _real_cell_scale(layer: CompiledLayer) -> np.ndarray:
-    """(1, 1, OH, OW) float32: window area / number of real (unpadded) cells in each output's window."""
-    (kh, kw), (sh, sw) = layer.spec.size, layer.spec.strides
-    ones = np.pad(np.ones(layer.in_shape[1:], np.float32), layer.pads)
-    oh, ow = layer.out_shape[1:]
-    counts = np.empty((oh, ow), np.float32)
-    for i in range(oh):
-        for j in range(ow):
-            counts[i, j] = ones[i * sh : i * sh + kh, j * sw : j * sw + kw].sum()
-    return ((kh * kw) / counts).astype(np.float32)[None, None]
-
-
 class Dense(chainer.Chain):
     """dense: L.Linear, whose (out, in) weight is the canonical layout."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         with self.init_scope():
             self.linear = L.Linear(
@@ -177,7 +173,7 @@ class BatchNorm(L.BatchNormalization):
     """Keras's momentum is Chainer's decay (both weigh the old running value); running var is unbiased in both
     Chainer and PyTorch. cuDNN refuses an epsilon below its minimum, so such layers run Chainer's own kernels."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__(layer.in_shape[0], decay=layer.spec.momentum, eps=layer.spec.epsilon)
 
     def forward(self, x, **kwargs):
@@ -206,11 +202,11 @@ class Dropout(chainer.Link):
 class Residual(chainer.Chain):
     """activation(body(x) + shortcut(x)); the shortcut is the compiler's 1×1 projection conv, or the identity."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer, ctx: BuildContext):
         super().__init__()
         with self.init_scope():
-            self.body = chainer.ChainList(*[build_layer(child, noise) for child in layer.body])
-            self.shortcut = build_layer(layer.shortcut, noise) if layer.shortcut else None
+            self.body = chainer.ChainList(*[ctx.build(child) for child in layer.body])
+            self.shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):
@@ -228,25 +224,37 @@ def _global_avgpool(x):
     return F.mean(x, axis=(2, 3))
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES; each takes (layer, noise).
+def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = Conv(layer)
+    return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # OIHW: canonical
+
+
+def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = Dense(layer)
+    return Built(link, attribute_handles(link.linear, kernel="W", bias="b"))  # (out, in): canonical
+
+
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = BatchNorm(layer)
+    return Built(link, attribute_handles(link, gamma="gamma", beta="beta", moving_mean="avg_mean",
+                                         moving_variance="avg_var"))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(link, tensors);
+# ``ctx.noise`` is the dropout generator.
 BUILDERS = {
-    "conv2d": Conv,
-    "maxpool": MaxPool,
-    "avgpool": AvgPool,
-    "global_avgpool": lambda layer, noise: Fn(_global_avgpool),
-    "flatten": lambda layer, noise: Fn(_flatten),
-    "dense": Dense,
-    "dropout": Dropout,
-    "batchnorm": BatchNorm,
-    "activation": lambda layer, noise: Fn(_activation(layer.spec.fn)),
-    "softmax": lambda layer, noise: Fn(lambda x: x),  # fused into the loss; predictions apply it
-    "residual": Residual,
+    "conv2d": _conv,
+    "maxpool": lambda layer, ctx: Built(MaxPool(layer)),
+    "avgpool": lambda layer, ctx: Built(AvgPool(layer)),
+    "global_avgpool": lambda layer, ctx: Built(Fn(_global_avgpool)),
+    "flatten": lambda layer, ctx: Built(Fn(_flatten)),
+    "dense": _dense,
+    "dropout": lambda layer, ctx: Built(Dropout(layer, ctx.noise)),
+    "batchnorm": _batchnorm,
+    "activation": lambda layer, ctx: Built(Fn(_activation(layer.spec.fn))),
+    "softmax": lambda layer, ctx: Built(Fn(lambda x: x)),  # fused into the loss; predictions apply it
+    "residual": lambda layer, ctx: Built(Residual(layer, ctx)),
 }
-
-
-def build_layer(layer: CompiledLayer, noise: "Noise") -> chainer.Link:
-    """The Chainer link for one compiled layer."""
-    return BUILDERS[layer.type](layer, noise)
 
 
 class Noise:
@@ -274,38 +282,14 @@ class Network(chainer.ChainList):
     """The compiled model; ``tensors`` maps canonical names to (link, attribute) holding each array."""
 
     def __init__(self, model: CompiledModel, noise: Noise):
-        super().__init__(*[build_layer(layer, noise) for layer in model.layers])
-        self.tensors = self._index(model)
+        ctx = BuildContext(BUILDERS, noise=noise)
+        super().__init__(*[ctx.build(layer) for layer in model.layers])
+        self.tensors: Dict[str, Tuple[chainer.Link, str]] = ctx.tensors
 
     def forward(self, x):
         for link in self:
             x = link(x)
         return x
-
-    def _index(self, model: CompiledModel) -> Dict[str, Tuple[chainer.Link, str]]:
-        index: Dict[str, Tuple[chainer.Link, str]] = {}
-
-        def visit(layers: List[CompiledLayer], links) -> None:
-            for layer, link in zip(layers, links):
-                if layer.type == "conv2d":
-                    index[f"{layer.name}/kernel"] = (link.conv, "W")  # OIHW: canonical
-                    if layer.spec.bias:
-                        index[f"{layer.name}/bias"] = (link.conv, "b")
-                elif layer.type == "dense":
-                    index[f"{layer.name}/kernel"] = (link.linear, "W")  # (out, in): canonical
-                    if layer.spec.bias:
-                        index[f"{layer.name}/bias"] = (link.linear, "b")
-                elif layer.type == "batchnorm":
-                    for name, attr in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "avg_mean"),
-                                       ("moving_variance", "avg_var")):
-                        index[f"{layer.name}/{name}"] = (link, attr)
-                elif layer.type == "residual":
-                    visit(layer.body, link.body)
-                    if layer.shortcut is not None:
-                        visit([layer.shortcut], [link.shortcut])
-
-        visit(model.layers, self)
-        return index
 
     def array(self, name: str):
         """The live array behind a canonical name (a parameter's data or a persistent)."""
@@ -325,21 +309,14 @@ def resolve_device(device):
         return chainer.get_device("@numpy")
     cupy, why = cupy_status()
     count, no_gpu = gpu_count(cupy) if cupy is not None else (0, why)
-    if device.kind == "auto" and count == 0:
-        return chainer.get_device("@numpy")
     if cupy is None:
-        raise UserError(
-            f"device={device.name}: Chainer runs on CUDA GPUs through CuPy, and {why}; {CUDA_EXTRA_HINT}. "
-            "Or use device=cpu"
-        )
-    if count == 0:
-        raise UserError(
-            f"device={device.name}: CuPy {cupy.__version__} sees no usable CUDA GPU ({no_gpu}); "
-            "check the NVIDIA driver (nvidia-smi) or use device=cpu"
-        )
-    index = device.cuda_index
-    if index >= count:
-        raise UserError(f"device=cuda:{index}: only {count} GPU(s) visible to CuPy")
+        why_none = f"Chainer runs on CUDA GPUs through CuPy, and {why}; {CUDA_EXTRA_HINT}. Or use device=cpu"
+    else:
+        why_none = (f"CuPy {cupy.__version__} sees no usable CUDA GPU ({no_gpu}); "
+                    "check the NVIDIA driver (nvidia-smi) or use device=cpu")
+    index = gpu_index(device, count, "CuPy", why_none)
+    if index is None:
+        return chainer.get_device("@numpy")
     with warnings.catch_warnings():
         # "cuDNN is not enabled": said once in the device name ("cuDNN off") instead of as a warning.
         warnings.filterwarnings("ignore", message="cuDNN is not enabled")
@@ -441,14 +418,15 @@ class ChainerRunner:
     def get_weights(self) -> Dict[str, np.ndarray]:
         cpu = chainer.backend.CpuDevice()
         # Copies (np.array): on the CPU the live arrays would otherwise change under the caller as training goes on.
-        native = {name: np.array(cpu.send(self.net.array(name))) for name in self.net.tensors}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors},
+                              lambda name: np.array(cpu.send(self.net.array(name))))
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name in self.net.tensors:
+        def write(name, value):
             target = self.net.array(name)
-            target[...] = self.xp.asarray(native[name]).reshape(target.shape)  # in place: optimizer keeps its refs
+            target[...] = self.xp.asarray(value).reshape(target.shape)  # in place: optimizer keeps its refs
+
+        write_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors}, weights, write)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the dropout generator's draw counter."""
@@ -457,16 +435,15 @@ class ChainerRunner:
             param = self.net.param(name)
             if param is not None and param.update_rule is not None:
                 for slot, value in param.update_rule.export_state().items():
-                    state[f"{name}/{slot}"] = value
+                    state[slot_key(name, slot)] = value
         return state
 
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         if NOISE_STATE in state:
             self.noise.draws = int(state[NOISE_STATE][0])
-        for name in self.net.tensors:
+        for name, slots in slots_by_tensor(state, self.net.tensors).items():
             param = self.net.param(name)
-            slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
-            if param is not None and slots:
+            if param is not None:
                 param.update_rule.import_state(slots, param)
 
 

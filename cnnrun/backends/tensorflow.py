@@ -23,9 +23,17 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
-from cnnrun.errors import UserError
-from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    assign_reshaped,
+    read_canonical,
+    slot_key,
+    write_canonical,
+)
+from cnnrun.backends.devices import gpu_index
+from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -82,7 +90,7 @@ def _import_tensorflow():
 
 tf, GPUS = _import_tensorflow()
 
-LAYOUT = CHANNELS_LAST
+LAYOUT = BACKENDS["tensorflow"].layout  # CHANNELS_LAST
 Op = Callable[[tf.Tensor, bool], tf.Tensor]
 
 
@@ -96,17 +104,11 @@ def framework_version() -> str:
 
 def resolve_device(device) -> Tuple[str, str]:
     """cpu / cuda / cuda:N / auto → (TensorFlow device string, readable name), or a UserError saying why not."""
-    if device.kind == "cpu" or (device.kind == "auto" and not GPUS):
+    cuda = "with" if tf.test.is_built_with_cuda() else "without"
+    index = gpu_index(device, len(GPUS), "TensorFlow", f"TensorFlow {tf.__version__} (built {cuda} CUDA) sees no "
+                                                       "usable GPU; use device=cpu or device=auto")
+    if index is None:
         return "/CPU:0", "cpu"
-    if not GPUS:
-        cuda = "with" if tf.test.is_built_with_cuda() else "without"
-        raise UserError(
-            f"device={device.name}: TensorFlow {tf.__version__} (built {cuda} CUDA) sees no usable GPU; "
-            "use device=cpu or device=auto"
-        )
-    index = device.cuda_index
-    if index >= len(GPUS):
-        raise UserError(f"device=cuda:{index}: TensorFlow sees only {len(GPUS)} GPU(s)")
     # TensorFlow runs float32 convolutions and matmuls in TF32 on Ampere and newer GPUs unless told not to; IEEE
     # float32 keeps its outputs equal to the other frameworks' (torch's framework.tf32 is the opt-in there).
     tf.config.experimental.enable_tensor_float_32_execution(False)
@@ -148,21 +150,25 @@ ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
 
 
 class Variables:
-    """The model's tf.Variables by canonical name, created from initial values already in NHWC layout."""
+    """The model's tf.Variables by canonical name (``by_name``) and its trainable ones, in build order."""
 
-    def __init__(self, initial: Dict[str, np.ndarray]):
-        self.initial = initial
-        self.by_name: Dict[str, tf.Variable] = {}
-        self.trainable: List[tf.Variable] = []
-        self.trainable_names: List[str] = []
+    def __init__(self, ctx: BuildContext):
+        self.by_name: Dict[str, tf.Variable] = dict(ctx.tensors)
+        self.trainable_names: List[str] = list(ctx.trainable)
+        self.trainable: List[tf.Variable] = [self.by_name[name] for name in self.trainable_names]
 
-    def add(self, name: str, trainable: bool = True) -> tf.Variable:
-        var = tf.Variable(self.initial[name], trainable=trainable, name=name.replace("/", "__"))
-        self.by_name[name] = var
-        if trainable:
-            self.trainable.append(var)
-            self.trainable_names.append(name)
-        return var
+
+def _variables(layer: CompiledLayer, ctx: BuildContext, *params: str, shapes=None) -> Dict[str, tf.Variable]:
+    """tf.Variables for ``params`` of ``layer``, from ``ctx.initial`` (already in NHWC layout; reshaped to
+    ``shapes[param]`` where TensorFlow holds a tensor in another shape, e.g. a depthwise kernel); states (running
+    statistics) are not trainable."""
+    shapes = shapes or {}
+    return {
+        param: tf.Variable(np.reshape(ctx.initial[f"{layer.name}/{param}"], shapes.get(param, -1))
+                           if param in shapes else ctx.initial[f"{layer.name}/{param}"],
+                           trainable=param in layer.weights, name=f"{layer.name}/{param}".replace("/", "__"))
+        for param in params
+    }
 
 
 def _explicit_pads(layer: CompiledLayer) -> List[List[int]]:
@@ -181,20 +187,20 @@ def _conv_padding(layer: CompiledLayer):
     return _explicit_pads(layer) if _has_pads(layer) else "VALID"
 
 
-def _conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     spec = layer.spec
-    kernel = variables.add(f"{layer.name}/kernel")
-    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    tensors = _variables(layer, ctx, *layer.weights)
+    kernel, bias = tensors["kernel"], tensors.get("bias")
     strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
 
     def conv(x, training):
         y = tf.nn.conv2d(x, kernel, strides, padding)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
-    return conv
+    return Built(conv, tensors)
 
 
-def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _maxpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     spec = layer.spec
     ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
     if spec.padding == "same" or not _has_pads(layer):
@@ -205,7 +211,7 @@ def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
     return lambda x, training: tf.nn.max_pool2d(tf.pad(x, pads, constant_values=-math.inf), ksize, strides, "VALID")
 
 
-def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     spec = layer.spec
     ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
     if spec.padding == "same" or not _has_pads(layer):
@@ -214,35 +220,34 @@ def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
         return lambda x, training: tf.nn.avg_pool2d(x, ksize, strides, padding)
     # Explicit int padding: average over zero-padded windows, then rescale each window by k / (its real cells).
     pads = _explicit_pads(layer)
-    ones = tf.pad(tf.ones((1, *layer.in_shape[1:], 1)), pads)
-    scale = tf.constant(1.0 / tf.nn.avg_pool2d(ones, ksize, strides, "VALID").numpy())
+    scale = tf.constant(layer.real_cell_scale()[None, :, :, None])
     return lambda x, training: tf.nn.avg_pool2d(tf.pad(x, pads), ksize, strides, "VALID") * scale
 
 
-def _global_avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _global_avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     return lambda x, training: tf.reduce_mean(x, axis=(1, 2))
 
 
-def _flatten(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _flatten(layer: CompiledLayer, ctx: BuildContext) -> Op:
     # NHWC flattens in H·W·C order; cnnrun.layout permutes the weights of the dense/batchnorm that follows.
     size = int(np.prod(layer.out_shape))
     return lambda x, training: tf.reshape(x, (-1, size))
 
 
-def _dense(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     spec = layer.spec
-    kernel = variables.add(f"{layer.name}/kernel")
-    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    tensors = _variables(layer, ctx, *layer.weights)
+    kernel, bias = tensors["kernel"], tensors.get("bias")
     act = ACTIVATIONS[spec.activation]
 
     def dense(x, training):
         y = tf.matmul(x, kernel)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
-    return dense
+    return Built(dense, tensors)
 
 
-def _dropout(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _dropout(layer: CompiledLayer, ctx: BuildContext) -> Op:
     rate = layer.spec.rate
     if rate == 0.0:
         return lambda x, training: x
@@ -250,17 +255,16 @@ def _dropout(layer: CompiledLayer, variables: Variables, rng) -> Op:
     def dropout(x, training):
         if not training:
             return x
-        keep = rng.uniform(tf.shape(x)) >= rate  # the runner's seeded generator: same masks for the same seed
+        keep = ctx.rng.uniform(tf.shape(x)) >= rate  # the runner's seeded generator: same masks for the same seed
         return tf.where(keep, x * (1.0 / (1.0 - rate)), tf.zeros_like(x))
 
     return dropout
 
 
-def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    name, spec = layer.name, layer.spec
-    gamma, beta = variables.add(f"{name}/gamma"), variables.add(f"{name}/beta")
-    mean_var = variables.add(f"{name}/moving_mean", trainable=False)
-    var_var = variables.add(f"{name}/moving_variance", trainable=False)
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    spec = layer.spec
+    tensors = _variables(layer, ctx, "gamma", "beta", "moving_mean", "moving_variance")
+    gamma, beta, mean_var, var_var = tensors.values()
     keep = spec.momentum  # Keras's convention: running = keep·running + (1 - keep)·batch
     feature_map = len(layer.in_shape) == 3
 
@@ -288,21 +292,21 @@ def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
         # (x - mean)·s, not tf.nn.batch_normalization's x·s - mean·s, which cancels when |mean| ≫ spread.
         return (x - mean) * (gamma * tf.math.rsqrt(variance + spec.epsilon)) + beta
 
-    return batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0]))
+    return Built(batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0])), tensors)
 
 
-def _activation(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _activation(layer: CompiledLayer, ctx: BuildContext) -> Op:
     act = ACTIVATIONS[layer.spec.fn]
     return lambda x, training: act(x)
 
 
-def _identity(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _identity(layer: CompiledLayer, ctx: BuildContext) -> Op:
     return lambda x, training: x
 
 
-def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    body = [build_layer(child, variables, rng) for child in layer.body]
-    shortcut = build_layer(layer.shortcut, variables, rng) if layer.shortcut else None
+def _residual(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    body = [ctx.build(child) for child in layer.body]
+    shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
     act = ACTIVATIONS[layer.spec.activation]
 
     def residual(x, training):
@@ -314,25 +318,26 @@ def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
     return residual
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, variables, rng) → op(x, training).
-BUILDERS: Dict[str, Callable[[CompiledLayer, Variables, "tf.random.Generator"], Op]] = {
+def _op(builder: Callable[[CompiledLayer, BuildContext], Op]) -> Callable[[CompiledLayer, BuildContext], Built]:
+    """A builder of a layer without tensors, from a function that makes its op."""
+    return lambda layer, ctx: Built(builder(layer, ctx))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(op, tensors) with
+# op(x, training) → y. ``ctx.initial`` holds the initial values (NHWC), ``ctx.rng`` the dropout generator.
+BUILDERS: Dict[str, Callable[[CompiledLayer, BuildContext], Built]] = {
     "conv2d": _conv,
-    "maxpool": _maxpool,
-    "avgpool": _avgpool,
-    "global_avgpool": _global_avgpool,
-    "flatten": _flatten,
+    "maxpool": _op(_maxpool),
+    "avgpool": _op(_avgpool),
+    "global_avgpool": _op(_global_avgpool),
+    "flatten": _op(_flatten),
     "dense": _dense,
-    "dropout": _dropout,
+    "dropout": _op(_dropout),
     "batchnorm": _batchnorm,
-    "activation": _activation,
-    "softmax": _identity,  # fused into the loss; predictions apply it
-    "residual": _residual,
+    "activation": _op(_activation),
+    "softmax": _op(_identity),  # fused into the loss; predictions apply it
+    "residual": _op(_residual),
 }
-
-
-def build_layer(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    """The op for one compiled layer (its variables are added to ``variables``)."""
-    return BUILDERS[layer.type](layer, variables, rng)
 
 
 class Network:
@@ -340,8 +345,9 @@ class Network:
 
     def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
         self.rng = tf.random.Generator.from_seed(seed)
-        self.variables = Variables(initial)
-        self.ops = [build_layer(layer, self.variables, self.rng) for layer in model.layers]
+        ctx = BuildContext(BUILDERS, initial=initial, rng=self.rng)
+        self.ops = [ctx.build(layer) for layer in model.layers]
+        self.variables = Variables(ctx)
         perm = flatten_permutation(model)
         self.output_perm = None if perm is None else tf.constant(perm)
 
@@ -478,24 +484,24 @@ def optimizer_state(model: CompiledModel, optimizer, names: List[str]) -> Dict[s
     state: Dict[str, np.ndarray] = {}
     for slot in optimizer.SLOTS:
         native = {name: slots[slot].numpy() for name, slots in zip(names, optimizer.slots)}
-        state.update({f"{name}/{slot}": value for name, value in to_canonical(model, native, LAYOUT).items()})
+        state.update({slot_key(name, slot): value for name, value in to_canonical(model, native, LAYOUT).items()})
     if optimizer.step is not None:
         step = np.asarray(optimizer.step.numpy(), np.float32)
-        state.update({f"{name}/step": step.copy() for name in names})
+        state.update({slot_key(name, "step"): step.copy() for name in names})
     return state
 
 
 def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state: Dict[str, np.ndarray]) -> None:
     """Restore what :func:`optimizer_state` returned (missing slots keep their current values)."""
-    steps = [state[f"{name}/step"] for name in names if f"{name}/step" in state]
+    steps = [state[slot_key(name, "step")] for name in names if slot_key(name, "step") in state]
     if steps and optimizer.step is not None:
         optimizer.step.assign(float(np.asarray(steps[0]).reshape(())))
     for slot in optimizer.SLOTS:
-        canonical = {name: state[f"{name}/{slot}"] for name in names if f"{name}/{slot}" in state}
+        canonical = {name: state[slot_key(name, slot)] for name in names if slot_key(name, slot) in state}
         native = from_canonical(model, canonical, LAYOUT)
         for name, slots in zip(names, optimizer.slots):
             if name in native:
-                slots[slot].assign(native[name])
+                assign_reshaped(slots[slot], native[name])
 
 
 # --------------------------------------------------------------------------------------------------- runner
@@ -600,13 +606,10 @@ class TensorFlowRunner:
             return self._predict(images).numpy().astype(np.float32, copy=False)
 
     def get_weights(self) -> Dict[str, np.ndarray]:
-        native = {name: var.numpy() for name, var in self.net.variables.by_name.items()}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, self.net.variables.by_name, lambda var: var.numpy())
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name, var in self.net.variables.by_name.items():
-            var.assign(native[name])
+        write_canonical(self.model, LAYOUT, self.net.variables.by_name, weights, assign_reshaped)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""

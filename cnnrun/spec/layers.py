@@ -1,7 +1,11 @@
-"""Typed layer specs: their fields, checks, output shapes and weight shapes.
+"""Typed layer specs: everything cnnrun knows about a layer type, in one class per type.
 
-``LAYER_TYPES`` maps each YAML ``type`` to its spec class. Adding a layer type means one class here (fields,
-``output_shape``, ``weight_shapes``) and one builder per backend; ``tests/backends`` fails for a forgotten builder.
+A layer type is one class here: its fields and checks, ``output_shape``, ``weight_shapes``/``state_shapes`` with
+each tensor's canonical axes and initialisation (``TENSORS``), ``flops``, and whether it may stand in a residual
+body (``residual_body``) or passes a flattened vector's feature order through (``keeps_feature_order``). Defining
+the class registers it: ``LAYER_TYPES``, ``AnyLayer`` and ``RESIDUAL_BODY_TYPES`` are derived from the classes,
+initialisation (:mod:`cnnrun.spec.init`) and the checkpoint layout (:mod:`cnnrun.layout`) from ``TENSORS``. Each
+backend then needs one builder for the type; ``tests/backends`` fails for a forgotten builder.
 
 Shapes are per image, channels first: ``(C, H, W)`` for feature maps, ``(F,)`` for vectors. Weight shapes are in
 cnnrun's canonical layout: conv kernels OIHW, dense kernels (out, in), a flattened vector in C·H·W order.
@@ -9,7 +13,8 @@ cnnrun's canonical layout: conv kernels OIHW, dense kernels (out, in), a flatten
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -21,6 +26,36 @@ Pair = Tuple[int, int]
 ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "elu", "leaky_relu")
 LEAKY_RELU_SLOPE = 0.2  # tf.nn.leaky_relu's default; every backend uses this one value
 ELU_ALPHA = 1.0
+LAYER_TYPES: Dict[str, type] = {}  # YAML ``type`` → spec class; filled as the classes below are defined
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """How one of a layer's tensors is laid out and initialised.
+
+    ``axes``: the canonical axes, one letter each: ``O`` output channels or units, ``I`` input channels or
+    features (the axis a flattened feature map indexes in C·H·W order), ``H``/``W`` kernel rows and columns.
+    Channels-last frameworks hold the same axes in ``HWIO`` order (see :mod:`cnnrun.layout`), possibly reshaped
+    (a depthwise kernel, canonical (C·M, 1, H, W), is (H, W, C, M) there: the same order of values). Glorot's
+    fans are ``I``·H·W and ``O``·H·W unless the layer's :meth:`LayerSpec.fans` says otherwise (grouped and
+    depthwise kernels). ``init``: ``glorot_uniform``, ``zeros`` or ``ones``.
+    """
+
+    axes: str
+    init: str
+
+    def fans(self, shape: Shape) -> Tuple[int, int]:
+        """(fan_in, fan_out) of a tensor of ``shape`` in canonical layout."""
+        sizes = dict(zip(self.axes, shape))
+        receptive = sizes.get("H", 1) * sizes.get("W", 1)
+        return sizes.get("I", 1) * receptive, sizes.get("O", 1) * receptive
+
+
+CONV_KERNEL = Tensor("OIHW", "glorot_uniform")
+DENSE_KERNEL = Tensor("OI", "glorot_uniform")
+BIAS = Tensor("O", "zeros")
+FEATURE_SCALE = Tensor("I", "ones")  # per input feature: batchnorm's gamma and running variance
+FEATURE_SHIFT = Tensor("I", "zeros")  # batchnorm's beta and running mean
 
 
 class ShapeProblem(ValueError):
@@ -65,6 +100,30 @@ class LayerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Optional[str] = Field(default=None, description="Optional readable name; defaults to <type>_<index>.")
 
+    # Every tensor ``weight_shapes`` or ``state_shapes`` may return, by name: its canonical axes and initialisation.
+    TENSORS: ClassVar[Dict[str, Tensor]] = {}
+    # Keeps a feature map a feature map of the same kind, so it may stand in a residual body (the sum with the
+    # shortcut is defined).
+    residual_body: ClassVar[bool] = False
+    # Works on each feature alone, so a flattened vector's H·W·C order (channels-last frameworks) passes through
+    # it to the next layer's weights.
+    keeps_feature_order: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """A class with a fixed ``type`` is a layer type: registered in ``LAYER_TYPES`` as it is defined."""
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("type")
+        if field is not None and isinstance(field.default, str):
+            LAYER_TYPES[field.default] = cls
+
+    def tensor(self, name: str) -> Tensor:
+        return self.TENSORS[name]
+
+    def fans(self, name: str, shape: Shape) -> Tuple[int, int]:
+        """Glorot's (fan_in, fan_out) for tensor ``name`` of canonical ``shape``: by default from its axes."""
+        return self.tensor(name).fans(shape)
+
     def output_shape(self, in_shape: Shape) -> Shape:
         return in_shape
 
@@ -105,6 +164,8 @@ class _Window(LayerSpec):
 
 class Conv2D(_Window):
     type: Literal["conv2d"] = "conv2d"
+    TENSORS = {"kernel": CONV_KERNEL, "bias": BIAS}
+    residual_body = True
     filters: int = Field(gt=0, description="Output channels.")
     kernel: Pair = Field(description="Kernel size: int or [h, w].")
     stride: Pair = (1, 1)
@@ -133,6 +194,7 @@ class Conv2D(_Window):
 
 
 class _Pool(_Window):
+    residual_body = True
     size: Pair = Field(description="Window size: int or [h, w].")
     stride: Optional[Pair] = Field(default=None, description="Defaults to size.")
 
@@ -196,6 +258,7 @@ class Flatten(LayerSpec):
     """C×H×W → C·H·W features, in channels-first order in every framework."""
 
     type: Literal["flatten"] = "flatten"
+    keeps_feature_order = True  # of a vector, which it leaves as it is
 
     def output_shape(self, in_shape):
         return (_numel(in_shape),)
@@ -206,6 +269,7 @@ class Flatten(LayerSpec):
 
 class Dense(LayerSpec):
     type: Literal["dense"] = "dense"
+    TENSORS = {"kernel": DENSE_KERNEL, "bias": BIAS}
     units: int = Field(gt=0)
     activation: str = "linear"
     bias: bool = True
@@ -232,6 +296,8 @@ class Dense(LayerSpec):
 
 class Dropout(LayerSpec):
     type: Literal["dropout"] = "dropout"
+    residual_body = True
+    keeps_feature_order = True
     rate: float = Field(ge=0.0, lt=1.0, description="Fraction of units dropped while training.")
 
 
@@ -242,6 +308,10 @@ class BatchNorm(LayerSpec):
     """
 
     type: Literal["batchnorm"] = "batchnorm"
+    TENSORS = {"gamma": FEATURE_SCALE, "beta": FEATURE_SHIFT, "moving_mean": FEATURE_SHIFT,
+               "moving_variance": FEATURE_SCALE}
+    residual_body = True
+    keeps_feature_order = True
     momentum: float = Field(default=0.99, gt=0.0, lt=1.0)
     epsilon: float = Field(default=1e-3, gt=0.0)
 
@@ -254,6 +324,8 @@ class BatchNorm(LayerSpec):
 
 class Activation(LayerSpec):
     type: Literal["activation"] = "activation"
+    residual_body = True
+    keeps_feature_order = True
     fn: str = Field(description="relu, tanh, sigmoid, elu, leaky_relu or linear.")
 
     _check_fn = field_validator("fn", mode="before")(lambda cls, v: _activation(v))
@@ -263,27 +335,23 @@ class Softmax(LayerSpec):
     """Class probabilities; must be the last layer. Training fuses it into the cross-entropy loss."""
 
     type: Literal["softmax"] = "softmax"
+    keeps_feature_order = True
 
 
 class Residual(LayerSpec):
     """``activation(body(x) + shortcut(x))``; the shortcut is a 1×1 strided conv when the shape changes."""
 
     type: Literal["residual"] = "residual"
+    residual_body = True
     layers: List["AnyLayer"] = Field(min_length=1)
     activation: str = "linear"
 
     _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
 
 
-AnyLayer = Annotated[
-    Union[Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual],
-    Field(discriminator="type"),
-]
+# Derived from the classes above (each registered itself in LAYER_TYPES when defined), in definition order.
+AnyLayer = Annotated[Union[tuple(LAYER_TYPES.values())], Field(discriminator="type")]
 Residual.model_rebuild()
 
-LAYER_TYPES: Dict[str, type] = {
-    cls.model_fields["type"].default: cls
-    for cls in (Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
-}
 # Layers allowed inside a residual body: they work on feature maps, so the sum with the shortcut is defined.
-RESIDUAL_BODY_TYPES = ("conv2d", "maxpool", "avgpool", "batchnorm", "activation", "dropout", "residual")
+RESIDUAL_BODY_TYPES = tuple(name for name, cls in LAYER_TYPES.items() if cls.residual_body)

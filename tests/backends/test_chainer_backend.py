@@ -13,10 +13,10 @@ if importlib.util.find_spec("chainer") is None:  # not importorskip: a bare `imp
     pytest.skip("chainer is not installed", allow_module_level=True)
 
 from cnnrun.backends import ChainerOptions, TorchOptions, create_runner, framework_version
-from cnnrun.backends.chainer import BUILDERS, Network, Noise
+from cnnrun.backends.chainer import Network, Noise
 from cnnrun.config import DeviceConfig, OptimizerConfig
 from cnnrun.errors import UserError
-from cnnrun.spec import LAYER_TYPES, compile_model
+from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from tests.helpers import ROOT, shipped_model
 from tests.reference import random_weights, reference_logits
@@ -36,10 +36,6 @@ def runner_for(model, framework="chainer", optimizer=ADAM, seed=0, device=CPU):
 def random_images(input_shape, n=4, seed=0):
     c, h, w = input_shape
     return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-
-
-def test_every_layer_type_has_a_builder():
-    assert set(BUILDERS) == set(LAYER_TYPES)
 
 
 GRID = list(itertools.product([(1, 9, 9), (2, 10, 7)], [1, 2, 3, 4], [1, 2, 3], ["same", "valid", 1]))

@@ -1,40 +1,24 @@
 """task=eval: a model trained by one framework, evaluated by every framework, through the real CLI.
 
 classic_cnn is trained for one epoch with framework=torch; its model.safetensors is then evaluated with each
-framework in cnnrun.backends.BACKENDS (Keras once per Keras backend). Every evaluation must report the
+framework in cnnrun.backends.BACKENDS (once per engine: Keras once per Keras backend). Every evaluation must report the
 training run's test accuracy to within one test image, as a FINISHED MLflow run tagged with the checkpoint's
 origin. The user mistakes task=eval can meet are checked without training anything.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnnrun import checkpoint as ckpt_io
-from cnnrun.backends import BACKENDS
-from cnnrun.backends.keras import KERAS_BACKENDS
 from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
-from tests.helpers import mlflow_runs, run_cli
+from tests.helpers import framework_params, mlflow_runs, run_cli
 
 TEST_IMAGES = 1000  # mnist_5k's test split
-
-
-def _evaluators():
-    params = []
-    for name, info in BACKENDS.items():
-        backends = KERAS_BACKENDS if name == "keras" else (None,)
-        for backend in backends:
-            args = [f"framework={name}"] + ([f"framework.backend={backend}"] if backend else [])
-            label = f"{name}-{backend}" if backend else name
-            missing = importlib.util.find_spec(info.module) is None or importlib.util.find_spec(info.package) is None
-            marks = [pytest.mark.skip(reason=f"{info.module} or {info.package} is missing")] if missing else []
-            params.append(pytest.param(args, id=label, marks=marks))
-    return params
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +35,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework_args", _evaluators())
+@pytest.mark.parametrize("framework_args", framework_params())
 def test_every_framework_reproduces_the_test_accuracy(trained, framework_args):
     workdir, uri, checkpoint, train_run = trained
     name = "eval-" + "-".join(a.split("=")[1] for a in framework_args)
