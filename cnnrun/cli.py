@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
@@ -148,6 +149,10 @@ def main():
 
     from cnnrun import hydra_errors, hydra_startup
     from cnnrun.sweep.callback import finish_active
+
+    # conf/hydra/launcher/submitit_*.yaml share their names with the plugin's schemas, which check their keys;
+    # Hydra warns about that matching on every start
+    warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema with the same name")
 
     from cnnrun.distributed.launch import die_with_launcher, rank_hydra_args
 

@@ -14,7 +14,7 @@ from tests.helpers import CONF, ROOT
 def wheel(tmp_path_factory):
     # Built from a copy: setuptools reuses a build/ folder left in a working tree, which can hide a missing file.
     source = tmp_path_factory.mktemp("source")
-    for name in ("cnnrun", "conf"):
+    for name in ("cnnrun", "conf", "hydra_plugins"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -30,6 +30,8 @@ def test_the_wheel_ships_every_config_file(wheel):
     expected = {f"cnnrun/conf/{p.relative_to(CONF).as_posix()}" for p in CONF.rglob("*.yaml")}
     assert expected and expected <= shipped, sorted(expected - shipped)
     assert "cnnrun/backends/keras_home/keras.json" in shipped
+    # the Ray launcher, in the namespace package Hydra searches for plugins (which must stay without __init__.py)
+    assert "hydra_plugins/cnnrun_ray_launcher/ray_launcher.py" in shipped and "hydra_plugins/__init__.py" not in shipped
     assert not [name for name in shipped if "__pycache__" in name or name.startswith("tests/")]
 
 
