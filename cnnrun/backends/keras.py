@@ -134,6 +134,10 @@ def custom_layers() -> SimpleNamespace:
         return keras.activations.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
 
     @register
+    def gelu(x):
+        return keras.activations.gelu(x, approximate=False)  # Keras defaults to the tanh approximation
+
+    @register
     class ConstantPadding2D(keras.layers.Layer):
         """Pads H and W by ((top, bottom), (left, right)) with a constant (-inf for max pooling)."""
 
@@ -229,6 +233,7 @@ def custom_layers() -> SimpleNamespace:
         TakeFeatures=TakeFeatures,
         elu=elu,
         leaky_relu=leaky_relu,
+        gelu=gelu,
     )
 
 
@@ -242,6 +247,10 @@ def activation_fn(name: str) -> Optional[Callable]:
         "sigmoid": acts.sigmoid,
         "elu": custom.elu,
         "leaky_relu": custom.leaky_relu,
+        "relu6": acts.relu6,
+        "gelu": custom.gelu,
+        "swish": acts.silu,
+        "hard_swish": acts.hard_swish,  # Keras 3: x·relu6(x + 3)/6, MobileNetV3's
     }[name]
 
 
@@ -277,21 +286,57 @@ def _has_pads(layer: CompiledLayer) -> bool:
     return any(sum(p) for p in layer.pads)
 
 
+def _zero_padded(b: Builder, layer: CompiledLayer, x):
+    """x with the layer's compiled padding applied, for a window layer that then runs with padding='valid'."""
+    if _has_pads(layer):
+        x = b.keras.layers.ZeroPadding2D(layer.pads, name=b.keras_name(layer, "__pad"))(x)
+    return x
+
+
 def _conv(b: Builder, layer: CompiledLayer, x):
     spec = layer.spec
-    if spec.padding == "same":
+    if spec.padding == "same" and spec.dilation == (1, 1):
         padding = "same"  # Keras's 'same' is TensorFlow's rule on both backends (tests/backends checks it)
     else:
-        if _has_pads(layer):
-            x = b.keras.layers.ZeroPadding2D(layer.pads, name=b.keras_name(layer, "__pad"))(x)
-        padding = "valid"
+        x, padding = _zero_padded(b, layer, x), "valid"
     conv = b.keras.layers.Conv2D(
-        spec.filters, spec.kernel, strides=spec.stride, padding=padding, activation=activation_fn(spec.activation),
-        use_bias=spec.bias, name=b.keras_name(layer),
+        spec.filters, spec.kernel, strides=spec.stride, padding=padding, dilation_rate=spec.dilation,
+        groups=spec.groups, activation=activation_fn(spec.activation), use_bias=spec.bias, name=b.keras_name(layer),
     )
     y = conv(x)
     b.register(layer, kernel=conv.kernel, bias=conv.bias if spec.bias else None)
     return y
+
+
+def _depthwise_conv(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    conv = b.keras.layers.DepthwiseConv2D(
+        spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=b.keras_name(layer),
+    )
+    y = conv(_zero_padded(b, layer, x))
+    b.register(layer, kernel=conv.kernel, bias=conv.bias if spec.bias else None)
+    return y
+
+
+def _separable_conv(b: Builder, layer: CompiledLayer, x):
+    spec = layer.spec
+    conv = b.keras.layers.SeparableConv2D(
+        spec.filters, spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=b.keras_name(layer),
+    )
+    y = conv(_zero_padded(b, layer, x))
+    b.register(layer, depthwise_kernel=conv.depthwise_kernel, pointwise_kernel=conv.pointwise_kernel,
+               bias=conv.bias if spec.bias else None)
+    return y
+
+
+def _upsample(b: Builder, layer: CompiledLayer, x):
+    # Keras resizes with half-pixel centres on both backends (tf.image.resize; torch's align_corners=False).
+    spec = layer.spec
+    return b.keras.layers.UpSampling2D(spec.size, interpolation=spec.interpolation, name=b.keras_name(layer))(x)
 
 
 def _maxpool(b: Builder, layer: CompiledLayer, x):
@@ -313,6 +358,10 @@ def _avgpool(b: Builder, layer: CompiledLayer, x):
 
 def _global_avgpool(b: Builder, layer: CompiledLayer, x):
     return b.keras.layers.GlobalAveragePooling2D(name=b.keras_name(layer))(x)
+
+
+def _global_maxpool(b: Builder, layer: CompiledLayer, x):
+    return b.keras.layers.GlobalMaxPooling2D(name=b.keras_name(layer))(x)
 
 
 def _flatten(b: Builder, layer: CompiledLayer, x):
@@ -368,9 +417,13 @@ def _residual(b: Builder, layer: CompiledLayer, x):
 # One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (builder, layer, input tensor) → output tensor.
 BUILDERS = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _maxpool,
     "avgpool": _avgpool,
     "global_avgpool": _global_avgpool,
+    "global_maxpool": _global_maxpool,
+    "upsample": _upsample,
     "flatten": _flatten,
     "dense": _dense,
     "dropout": _dropout,

@@ -144,6 +144,10 @@ ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
     "sigmoid": tf.sigmoid,
     "elu": _elu,
     "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+    "relu6": tf.nn.relu6,
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),  # the exact erf form
+    "swish": tf.nn.silu,
+    "hard_swish": lambda x: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),  # TensorFlow has no op of its own
 }
 
 
@@ -182,16 +186,71 @@ def _conv_padding(layer: CompiledLayer):
 
 
 def _conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    """conv2d; with groups, its (kh, kw, C/groups, filters) kernel makes tf.nn.conv2d a grouped convolution."""
     spec = layer.spec
     kernel = variables.add(f"{layer.name}/kernel")
     bias = variables.add(f"{layer.name}/bias") if spec.bias else None
     strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
+    dilations = (1, *spec.dilation, 1)
 
     def conv(x, training):
-        y = tf.nn.conv2d(x, kernel, strides, padding)
+        y = tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
     return conv
+
+
+def _padded_depthwise(layer: CompiledLayer, kernel: tf.Variable) -> Op:
+    """tf.nn.depthwise_conv2d after explicit zero padding (its dilated form takes 'SAME'/'VALID' only)."""
+    spec = layer.spec
+    pads = _explicit_pads(layer) if _has_pads(layer) else None
+    strides = (1, *spec.stride, 1)
+
+    def depthwise(x, training):
+        if pads is not None:
+            x = tf.pad(x, pads)
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "VALID", dilations=spec.dilation)
+
+    return depthwise
+
+
+def _depthwise_conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    spec = layer.spec
+    depthwise = _padded_depthwise(layer, variables.add(f"{layer.name}/kernel"))
+    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    act = ACTIVATIONS[spec.activation]
+
+    def depthwise_conv(x, training):
+        y = depthwise(x, training)
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return depthwise_conv
+
+
+def _separable_conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    """Depthwise, then the 1×1 pointwise conv with the layer's bias and activation (Keras's SeparableConv2D)."""
+    spec = layer.spec
+    depthwise = _padded_depthwise(layer, variables.add(f"{layer.name}/depthwise_kernel"))
+    pointwise = variables.add(f"{layer.name}/pointwise_kernel")
+    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    act = ACTIVATIONS[spec.activation]
+
+    def separable_conv(x, training):
+        y = tf.nn.conv2d(depthwise(x, training), pointwise, 1, "VALID")
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return separable_conv
+
+
+def _upsample(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    """bilinear: tf.image.resize (TensorFlow 2's half-pixel centres); nearest: each cell repeated (the same
+    numbers as resize's nearest, and its gradient compiles under XLA, ResizeNearestNeighborGrad does not)."""
+    spec = layer.spec
+    if spec.interpolation == "bilinear":
+        size = tuple(layer.out_shape[1:])
+        return lambda x, training: tf.image.resize(x, size, method="bilinear")
+    rows, cols = spec.size
+    return lambda x, training: tf.repeat(tf.repeat(x, rows, axis=1), cols, axis=2)
 
 
 def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
@@ -221,6 +280,10 @@ def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
 
 def _global_avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
     return lambda x, training: tf.reduce_mean(x, axis=(1, 2))
+
+
+def _global_maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+    return lambda x, training: tf.reduce_max(x, axis=(1, 2))
 
 
 def _flatten(layer: CompiledLayer, variables: Variables, rng) -> Op:
@@ -317,9 +380,13 @@ def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
 # One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, variables, rng) → op(x, training).
 BUILDERS: Dict[str, Callable[[CompiledLayer, Variables, "tf.random.Generator"], Op]] = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _maxpool,
     "avgpool": _avgpool,
     "global_avgpool": _global_avgpool,
+    "global_maxpool": _global_maxpool,
+    "upsample": _upsample,
     "flatten": _flatten,
     "dense": _dense,
     "dropout": _dropout,

@@ -32,7 +32,7 @@ from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from cnnrun.summary import summary_dict
 from tests.helpers import shipped_model
-from tests.specs import without_dropout
+from tests.specs import MOBILE, MOBILE_INPUT, without_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -188,6 +188,7 @@ CASES = {
     "stress_gray": (STRESS_GRAY, (1, 27, 27)),
     "flat_out": (FLAT_OUT, (1, 8, 8)),
     "no_bias": (NO_BIAS, (1, 9, 9)),
+    "mobile": (MOBILE, MOBILE_INPUT),  # the newer layer types, options and activations
 }
 OPTIMIZERS = {
     "adam": {"name": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-7, "weight_decay": 0.0},
