@@ -135,7 +135,7 @@ def custom_layers() -> SimpleNamespace:
 
     @register
     def gelu(x):
-        return keras.activations.gelu(x, approximate=False)  # Keras defaults to the tanh approximation
+        return keras.activations.gelu(x, approximate=False)  # stated: the exact form, never the tanh one
 
     @register
     class ConstantPadding2D(keras.layers.Layer):

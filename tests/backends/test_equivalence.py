@@ -181,6 +181,17 @@ NO_BIAS = {
     ],
 }
 
+# The activations straight to the logits, their inputs spread over [-4, 4] where each curve bends: the tanh form of
+# GELU, or hard swish with another slope, moves these logits by more than LOGITS_ATOL.
+ACTIVATIONS = {
+    "name": "activations",
+    "layers": [
+        {"type": "flatten"},
+        {"type": "dense", "units": 16, "activation": "gelu"},
+        {"type": "dense", "units": 10, "activation": "hard_swish"},
+    ],
+}
+
 CASES = {
     "classic_cnn": (shipped_model("classic_cnn"), (1, 28, 28)),
     "resnet_lite": (shipped_model("resnet_lite"), (1, 28, 28)),
@@ -189,6 +200,7 @@ CASES = {
     "flat_out": (FLAT_OUT, (1, 8, 8)),
     "no_bias": (NO_BIAS, (1, 9, 9)),
     "mobile": (MOBILE, MOBILE_INPUT),  # the newer layer types, options and activations
+    "activations": (ACTIVATIONS, (1, 1, 12)),
 }
 OPTIMIZERS = {
     "adam": {"name": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-7, "weight_decay": 0.0},
