@@ -40,7 +40,8 @@ def _windows(x, layer: CompiledLayer, kernel, stride, fill, dilation=(1, 1)):
     out = np.empty(x.shape[:2] + (oh, ow, kh, kw), x.dtype)
     for i in range(oh):
         for j in range(ow):
-            out[:, :, i, j] = x[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            rows = slice(i * sh, i * sh + dh * (kh - 1) + 1, dh)
+            out[:, :, i, j] = x[:, :, rows, slice(j * sw, j * sw + dw * (kw - 1) + 1, dw)]
     return out
 
 

@@ -248,8 +248,9 @@ class SeparableConv2D(_Convolution):
         return {**super().kernel_fans(in_shape), "depthwise_kernel": self._depthwise_fans(self.depth_multiplier)}
 
     def flops(self, in_shape, out_shape):
-        middle = in_shape[0] * self.depth_multiplier * out_shape[1] * out_shape[2]
-        return 2 * self.kernel[0] * self.kernel[1] * middle + 2 * in_shape[0] * self.depth_multiplier * _numel(out_shape)
+        middle = in_shape[0] * self.depth_multiplier
+        depthwise = 2 * self.kernel[0] * self.kernel[1] * middle * out_shape[1] * out_shape[2]
+        return depthwise + 2 * middle * _numel(out_shape)
 
 
 class _Pool(_Window):
@@ -301,26 +302,23 @@ class AvgPool(_Pool):
     type: Literal["avgpool"] = "avgpool"
 
 
-class GlobalAvgPool(LayerSpec):
+class _GlobalPool(LayerSpec):
+    """C×H×W → C: one value per channel over the whole map."""
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, self.type)
+        return (in_shape[0],)
+
+    def flops(self, in_shape, out_shape):
+        return _numel(in_shape)
+
+
+class GlobalAvgPool(_GlobalPool):
     type: Literal["global_avgpool"] = "global_avgpool"
 
-    def output_shape(self, in_shape):
-        _require_3d(in_shape, "global_avgpool")
-        return (in_shape[0],)
 
-    def flops(self, in_shape, out_shape):
-        return _numel(in_shape)
-
-
-class GlobalMaxPool(LayerSpec):
+class GlobalMaxPool(_GlobalPool):
     type: Literal["global_maxpool"] = "global_maxpool"
-
-    def output_shape(self, in_shape):
-        _require_3d(in_shape, "global_maxpool")
-        return (in_shape[0],)
-
-    def flops(self, in_shape, out_shape):
-        return _numel(in_shape)
 
 
 class Upsample(LayerSpec):

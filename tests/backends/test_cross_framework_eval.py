@@ -120,7 +120,7 @@ def test_a_mobile_layer_network_trained_with_tensorflow_evaluates_the_same_every
     assert run.data.tags["cnnrun.checkpoint.origin.framework"] == "tensorflow"
     trained_acc, evaluated_acc = train_run.data.metrics["test_acc"], run.data.metrics["test_acc"]
     print(f"\n{name}: test_acc {evaluated_acc:.4f} (trained with tensorflow: {trained_acc:.4f})")
-    assert trained_acc > 0.3  # it learned something (chance: 0.1; about 0.6 after this epoch), so a scrambled kernel layout would show
+    assert trained_acc > 0.3  # it learned (chance 0.1, about 0.6 after this epoch): a scrambled layout would show
     assert abs(evaluated_acc - trained_acc) * TEST_IMAGES <= 1 + 1e-9
 
 
