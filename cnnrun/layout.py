@@ -4,8 +4,9 @@ Canonical (what checkpoints hold, and what PyTorch and Chainer use natively):
 - conv kernel OIHW; dense kernel (out, in); biases and batchnorm vectors (C,);
 - a vector made by ``flatten`` is in C·H·W order, so the dense (or batchnorm) after it indexes features that way.
 
-Channels-last frameworks (TensorFlow, Keras) hold conv kernels HWIO, dense kernels (in, out), and flatten an
-H×W×C map in H·W·C order; for a layer fed by a flatten, the feature axis is permuted between the two orders.
+Channels-last frameworks (TensorFlow, Keras) hold conv kernels HWIO (a grouped conv's (kh, kw, in/groups, out)),
+depthwise kernels (kh, kw, C, m) where canonical is (C·m, 1, kh, kw) (HWIO reshaped: the same order of values),
+dense kernels (in, out), and flatten an H×W×C map in H·W·C order; for a layer fed by a flatten, the feature axis is permuted between the two orders.
 
 Nothing here knows a layer type: each tensor's canonical axes come from its spec (``TENSORS`` in
 :mod:`cnnrun.spec.layers`; letters O, I, H, W). Channels-last holds the same axes in H, W, I, O order, and a

@@ -89,7 +89,7 @@ CASES = [
     ("device-name-unknown", ["device.name=gpu"], ["device.name", "'cpu', 'cuda', 'cuda:N' or 'auto'"]),
     ("dataset-group-unknown", ["dataset=imagenet"], ["dataset/imagenet", "mnist_5k"]),
     ("model-group-unknown", ["model=nope"], ["model=nope", "model/nope", "'classic_cnn'", "'resnet_lite'"]),
-    ("hydra-group-unknown", ["hydra/launcher=nope"], ["hydra/launcher=nope", "'basic' or 'joblib'"]),
+    ("hydra-group-unknown", ["hydra/launcher=nope"], ["hydra/launcher=nope", "'ray_local', 'submitit_local' or 'submitit_slurm'"]),
     ("dataset-name-unknown", ["dataset.name=mnsit"], ["dataset.name: unknown dataset 'mnsit' (did you mean 'mnist'?)"]),
     ("sweep-objective-unknown", ["sweep.objective=val_accuracy"], ["sweep.objective", "did you mean 'val_acc'"]),
     ("tracking-uri-scheme", ["tracking.uri=htp://127.0.0.1:5000"], ["tracking.uri: unknown scheme 'htp'"]),

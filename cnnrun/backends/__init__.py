@@ -107,6 +107,15 @@ class Tolerances:
 
 
 @dataclass(frozen=True)
+class Parallel:
+    """How a framework trains on several processes (``trainer.devices``; see :mod:`cnnrun.distributed`)."""
+
+    module: str  # the engine: launch/join/wrap
+    joins: str  # the launcher whose worlds it joins: "torchrun", "tf_config" or "mpi" (cnnrun.distributed.world)
+    sync_batchnorm_refusal: Optional[str] = None  # why trainer.sync_batchnorm=true cannot work, where it cannot
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     module: str
     package: str  # the import that proves the framework is installed
@@ -122,6 +131,8 @@ class BackendInfo:
     engines: Tuple[Dict[str, Any], ...] = ({},)
     # Optional fast paths, by a short name: options that must give the numbers of the engine they extend.
     fast_paths: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Data-parallel training; None: one process only. Keras trains on the engine of its backend's framework.
+    parallel: Optional[Parallel] = None
 
     def engine_packages(self, options: Dict[str, Any]) -> Tuple[str, ...]:
         """The packages ``options`` need: the framework's, plus the one it runs on (Keras's backend)."""
@@ -136,21 +147,30 @@ BACKENDS: Dict[str, BackendInfo] = {
     "torch": BackendInfo(
         "cnnrun.backends.torch", "torch", TorchOptions, "channels_first", frozenset({"torch"}), ("torch",),
         fast_paths={"plain": {"channels_last": False, "fused_optimizer": False}},
+        parallel=Parallel("cnnrun.distributed.torch", joins="torchrun"),
     ),
     "tensorflow": BackendInfo(
         "cnnrun.backends.tensorflow", "tensorflow", TensorFlowOptions, "channels_last", frozenset({"tensorflow"}),
-        ("tensorflow",),        tolerances=Tolerances(resume=1e-5), fast_paths={"xla": {"jit_compile": True}},
+        ("tensorflow",), tolerances=Tolerances(resume=1e-5), fast_paths={"xla": {"jit_compile": True}},
+        parallel=Parallel("cnnrun.distributed.tensorflow", joins="tf_config"),
     ),
     # Keras 3 on its default TensorFlow backend imports TensorFlow (the tensorflow backend hides Keras from
     # TensorFlow's own import of it, which also halves start-up).
     "keras": BackendInfo(
         "cnnrun.backends.keras", "keras", KerasOptions, "channels_last", frozenset({"keras", "tensorflow"}),
-        ("keras", "tensorflow"),        tolerances=Tolerances(resume=1e-5), engines=tuple({"backend": b} for b in _KERAS_ENGINES),
+        ("keras", "tensorflow"), tolerances=Tolerances(resume=1e-5),
+        engines=tuple({"backend": b} for b in _KERAS_ENGINES),
         fast_paths={"xla": {"backend": "tensorflow", "jit_compile": True}},
     ),
     "chainer": BackendInfo(
         "cnnrun.backends.chainer", "chainer", ChainerOptions, "channels_first", frozenset({"chainer"}),
         ("chainer", "setuptools"),  # Chainer imports pkg_resources where setuptools still has it
+        parallel=Parallel(
+            "cnnrun.distributed.chainer", joins="mpi",
+            sync_batchnorm_refusal="ChainerMN's MultiNodeBatchNormalization averages each rank's mean (wrong when "
+                                   "shards differ in size) and takes the variance as E[x²] − E[x]², which cancels "
+                                   "in float32",
+        ),
     ),
 }
 

@@ -67,7 +67,16 @@ def _activation(name: str):
         "sigmoid": F.sigmoid,
         "elu": partial(F.elu, alpha=ELU_ALPHA),
         "leaky_relu": partial(F.leaky_relu, slope=LEAKY_RELU_SLOPE),
+        "relu6": partial(F.clipped_relu, z=6.0),
+        "gelu": _gelu,
+        "swish": lambda x: x * F.sigmoid(x),  # F.swish has a trainable β; this is β = 1
+        "hard_swish": lambda x: x * F.clipped_relu(x + 3.0, z=6.0) * (1.0 / 6.0),
     }[name]
+
+
+def _gelu(x):
+    """The exact form x·(1 + erf(x/√2))/2 (Chainer has no GELU of its own)."""
+    return 0.5 * x * (1.0 + F.erf(x * np.float32(1.0 / np.sqrt(2.0))))
 
 
 def _symmetric(pads) -> bool:
@@ -91,30 +100,108 @@ class Fn(chainer.Link):
         return self.fn(x)
 
 
+def _convolution(layer: CompiledLayer, out_channels: int, groups: int, bias: bool):
+    """The layer's window as an L.Convolution2D (OIHW weights: canonical), and the F.pad width to apply before
+    it (None when its own symmetric padding is the compiled one)."""
+    spec = layer.spec
+    symmetric = _symmetric(layer.pads)
+    conv = L.Convolution2D(
+        layer.in_shape[0],
+        out_channels,
+        spec.kernel,
+        stride=spec.stride,
+        pad=(layer.pads[0][0], layer.pads[1][0]) if symmetric else 0,
+        nobias=not bias,
+        initialW=chainer.initializers.Zero(),  # cnnrun sets the shared initial weights afterwards
+        dilate=spec.dilation,
+        groups=groups,
+    )
+    return conv, None if symmetric else _pad_width(layer.pads)
+
+
 class Conv(chainer.Chain):
     """conv2d: L.Convolution2D with its own symmetric padding, or F.pad first when the padding is uneven."""
 
     def __init__(self, layer: CompiledLayer):
         super().__init__()
         spec = layer.spec
-        symmetric = _symmetric(layer.pads)
-        self.pad_width = None if symmetric else _pad_width(layer.pads)
         with self.init_scope():
-            self.conv = L.Convolution2D(
-                layer.in_shape[0],
-                spec.filters,
-                spec.kernel,
-                stride=spec.stride,
-                pad=(layer.pads[0][0], layer.pads[1][0]) if symmetric else 0,
-                nobias=not spec.bias,
-                initialW=chainer.initializers.Zero(),  # cnnrun sets the shared initial weights afterwards
-            )
+            self.conv, self.pad_width = _convolution(layer, spec.filters, spec.groups, spec.bias)
         self.act = _activation(spec.activation)
 
     def forward(self, x):
         if self.pad_width is not None:
             x = F.pad(x, self.pad_width, "constant")
         return self.act(self.conv(x))
+
+
+class DepthwiseConv(Conv):
+    """depthwise_conv2d as a convolution with one group per input channel: its (C·m, 1, kh, kw) weight is the
+    canonical kernel (L.DepthwiseConvolution2D holds another layout)."""
+
+    def __init__(self, layer: CompiledLayer):
+        chainer.Chain.__init__(self)
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        with self.init_scope():
+            self.conv, self.pad_width = _convolution(layer, channels * spec.depth_multiplier, channels, spec.bias)
+        self.act = _activation(spec.activation)
+
+
+class SeparableConv(chainer.Chain):
+    """separable_conv2d: the depthwise convolution (no bias), then a 1×1 one with the bias and activation."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        middle = channels * spec.depth_multiplier
+        with self.init_scope():
+            self.depthwise, self.pad_width = _convolution(layer, middle, channels, bias=False)
+            self.pointwise = L.Convolution2D(middle, spec.filters, 1, nobias=not spec.bias,
+                                             initialW=chainer.initializers.Zero())
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad_width is not None:
+            x = F.pad(x, self.pad_width, "constant")
+        return self.act(self.pointwise(self.depthwise(x)))
+
+
+class Upsample(chainer.Link):
+    """nearest: each cell repeated. bilinear: products with (out, in) interpolation matrices per axis, built
+    with half-pixel centres (F.resize_images is not used: on NumPy >= 1.24 it fails on ``numpy.float``)."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size, self.bilinear = layer.spec.size, layer.spec.interpolation == "bilinear"
+        _, h, w = layer.in_shape
+        # Persistents move with the link to the GPU; they are not weights (the tensor index never lists them).
+        self.add_persistent("rows", _bilinear_matrix(h, self.size[0]) if self.bilinear else None)
+        self.add_persistent("cols_t", _bilinear_matrix(w, self.size[1]).T.copy() if self.bilinear else None)
+
+    def forward(self, x):
+        if not self.bilinear:
+            return F.repeat(F.repeat(x, self.size[0], axis=2), self.size[1], axis=3)
+        n, c, h, w = x.shape
+        y = F.matmul(F.reshape(x, (n * c * h, w)), self.cols_t)  # along W: (N·C·H, OW)
+        y = F.transpose(F.reshape(y, (n, c, h, -1)), (0, 1, 3, 2))  # (N, C, OW, H)
+        ow = y.shape[2]
+        y = F.matmul(F.reshape(y, (n * c * ow, h)), self.rows.T)  # along H: (N·C·OW, OH)
+        return F.transpose(F.reshape(y, (n, c, ow, -1)), (0, 1, 3, 2))
+
+
+def _bilinear_matrix(n: int, factor: int) -> np.ndarray:
+    """(n·factor, n) float32: output cell i samples (i + 0.5)/factor − 0.5, clamped to [0, n − 1], linearly
+    between its two neighbouring cells."""
+    source = np.maximum((np.arange(n * factor) + 0.5) / factor - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), n - 1)
+    high = np.minimum(low + 1, n - 1)
+    frac = source - low
+    matrix = np.zeros((n * factor, n))
+    np.add.at(matrix, (np.arange(n * factor), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(n * factor), high), frac)
+    return matrix.astype(np.float32)
 
 
 class MaxPool(chainer.Link):
@@ -224,9 +311,24 @@ def _global_avgpool(x):
     return F.mean(x, axis=(2, 3))
 
 
+def _global_maxpool(x):
+    return F.max(x, axis=(2, 3))
+
+
 def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     link = Conv(layer)
     return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # OIHW: canonical
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = DepthwiseConv(layer)
+    return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # (C·m, 1, kh, kw): canonical
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = SeparableConv(layer)
+    return Built(link, {**attribute_handles(link.depthwise, depthwise_kernel="W"),
+                        **attribute_handles(link.pointwise, pointwise_kernel="W", bias="b")})
 
 
 def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
@@ -244,9 +346,13 @@ def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
 # ``ctx.noise`` is the dropout generator.
 BUILDERS = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": lambda layer, ctx: Built(MaxPool(layer)),
     "avgpool": lambda layer, ctx: Built(AvgPool(layer)),
     "global_avgpool": lambda layer, ctx: Built(Fn(_global_avgpool)),
+    "global_maxpool": lambda layer, ctx: Built(Fn(_global_maxpool)),
+    "upsample": lambda layer, ctx: Built(Upsample(layer)),
     "flatten": lambda layer, ctx: Built(Fn(_flatten)),
     "dense": _dense,
     "dropout": lambda layer, ctx: Built(Dropout(layer, ctx.noise)),

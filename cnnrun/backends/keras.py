@@ -155,6 +155,10 @@ def custom_layers() -> SimpleNamespace:
         return keras.activations.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
 
     @register
+    def gelu(x):
+        return keras.activations.gelu(x, approximate=False)  # stated: the exact form, never the tanh one
+
+    @register
     class ConstantPadding2D(keras.layers.Layer):
         """Pads H and W by ((top, bottom), (left, right)) with a constant (-inf for max pooling)."""
 
@@ -250,6 +254,7 @@ def custom_layers() -> SimpleNamespace:
         TakeFeatures=TakeFeatures,
         elu=elu,
         leaky_relu=leaky_relu,
+        gelu=gelu,
     )
 
 
@@ -263,6 +268,10 @@ def activation_fn(name: str) -> Optional[Callable]:
         "sigmoid": acts.sigmoid,
         "elu": custom.elu,
         "leaky_relu": custom.leaky_relu,
+        "relu6": acts.relu6,
+        "gelu": custom.gelu,
+        "swish": acts.silu,
+        "hard_swish": acts.hard_swish,  # Keras 3: x·relu6(x + 3)/6, MobileNetV3's
     }[name]
 
 
@@ -274,20 +283,55 @@ def _has_pads(layer: CompiledLayer) -> bool:
     return any(sum(p) for p in layer.pads)
 
 
+def _zero_padded(layer: CompiledLayer, ctx: BuildContext, x):
+    """x with the layer's compiled padding applied, for a window layer that then runs with padding='valid'."""
+    if _has_pads(layer):
+        x = ctx.keras.layers.ZeroPadding2D(layer.pads, name=keras_name(layer, "__pad"))(x)
+    return x
+
+
 def _conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
-    if spec.padding == "same":
+    if spec.padding == "same" and spec.dilation == (1, 1):
         padding = "same"  # Keras's 'same' is TensorFlow's rule on both backends (tests/backends checks it)
     else:
-        if _has_pads(layer):
-            x = ctx.keras.layers.ZeroPadding2D(layer.pads, name=keras_name(layer, "__pad"))(x)
-        padding = "valid"
+        x, padding = _zero_padded(layer, ctx, x), "valid"
     conv = ctx.keras.layers.Conv2D(
-        spec.filters, spec.kernel, strides=spec.stride, padding=padding, activation=activation_fn(spec.activation),
-        use_bias=spec.bias, name=keras_name(layer),
+        spec.filters, spec.kernel, strides=spec.stride, padding=padding, dilation_rate=spec.dilation,
+        groups=spec.groups, activation=activation_fn(spec.activation), use_bias=spec.bias, name=keras_name(layer),
     )
     y = conv(x)
     return Built(y, {"kernel": conv.kernel, **({"bias": conv.bias} if spec.bias else {})})
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    spec = layer.spec
+    conv = ctx.keras.layers.DepthwiseConv2D(
+        spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=keras_name(layer),
+    )
+    y = conv(_zero_padded(layer, ctx, x))
+    return Built(y, {"kernel": conv.kernel, **({"bias": conv.bias} if spec.bias else {})})
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    spec = layer.spec
+    conv = ctx.keras.layers.SeparableConv2D(
+        spec.filters, spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=keras_name(layer),
+    )
+    y = conv(_zero_padded(layer, ctx, x))
+    return Built(y, {"depthwise_kernel": conv.depthwise_kernel, "pointwise_kernel": conv.pointwise_kernel,
+                     **({"bias": conv.bias} if spec.bias else {})})
+
+
+def _upsample(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    # Keras resizes with half-pixel centres on both backends (tf.image.resize; torch's align_corners=False).
+    spec = layer.spec
+    return Built(ctx.keras.layers.UpSampling2D(spec.size, interpolation=spec.interpolation,
+                                               name=keras_name(layer))(x))
 
 
 def _maxpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
@@ -310,6 +354,10 @@ def _avgpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
 
 def _global_avgpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     return Built(ctx.keras.layers.GlobalAveragePooling2D(name=keras_name(layer))(x))
+
+
+def _global_maxpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    return Built(ctx.keras.layers.GlobalMaxPooling2D(name=keras_name(layer))(x))
 
 
 def _flatten(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
@@ -366,9 +414,13 @@ def _residual(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
 # ``seed`` and ``seed_generators``.
 BUILDERS = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _maxpool,
     "avgpool": _avgpool,
     "global_avgpool": _global_avgpool,
+    "global_maxpool": _global_maxpool,
+    "upsample": _upsample,
     "flatten": _flatten,
     "dense": _dense,
     "dropout": _dropout,

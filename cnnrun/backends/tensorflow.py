@@ -149,6 +149,10 @@ ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
     "sigmoid": tf.sigmoid,
     "elu": _elu,
     "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+    "relu6": tf.nn.relu6,
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),  # the exact erf form
+    "swish": tf.nn.silu,
+    "hard_swish": lambda x: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),  # TensorFlow has no op of its own
 }
 
 
@@ -191,16 +195,76 @@ def _conv_padding(layer: CompiledLayer):
 
 
 def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    """conv2d; with groups, its (kh, kw, C/groups, filters) kernel makes tf.nn.conv2d a grouped convolution."""
     spec = layer.spec
     tensors = _variables(layer, ctx, *layer.weights)
     kernel, bias = tensors["kernel"], tensors.get("bias")
     strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
+    dilations = (1, *spec.dilation, 1)
 
     def conv(x, training):
-        y = tf.nn.conv2d(x, kernel, strides, padding)
+        y = tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
     return Built(conv, tensors)
+
+
+def _padded_depthwise(layer: CompiledLayer, kernel: tf.Variable) -> Op:
+    """tf.nn.depthwise_conv2d after explicit zero padding (its dilated form takes 'SAME'/'VALID' only)."""
+    spec = layer.spec
+    pads = _explicit_pads(layer) if _has_pads(layer) else None
+    strides = (1, *spec.stride, 1)
+
+    def depthwise(x, training):
+        if pads is not None:
+            x = tf.pad(x, pads)
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "VALID", dilations=spec.dilation)
+
+    return depthwise
+
+
+def _depthwise_shape(layer: CompiledLayer) -> Tuple[int, ...]:
+    """tf.nn.depthwise_conv2d's kernel (kh, kw, C, multiplier): HWIO (kh, kw, 1, C·multiplier) reshaped."""
+    return (*layer.spec.kernel, layer.in_shape[0], layer.spec.depth_multiplier)
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    spec = layer.spec
+    tensors = _variables(layer, ctx, *layer.weights, shapes={"kernel": _depthwise_shape(layer)})
+    depthwise, bias = _padded_depthwise(layer, tensors["kernel"]), tensors.get("bias")
+    act = ACTIVATIONS[spec.activation]
+
+    def depthwise_conv(x, training):
+        y = depthwise(x, training)
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return Built(depthwise_conv, tensors)
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    """Depthwise, then the 1×1 pointwise conv with the layer's bias and activation (Keras's SeparableConv2D)."""
+    spec = layer.spec
+    tensors = _variables(layer, ctx, *layer.weights, shapes={"depthwise_kernel": _depthwise_shape(layer)})
+    depthwise = _padded_depthwise(layer, tensors["depthwise_kernel"])
+    pointwise, bias = tensors["pointwise_kernel"], tensors.get("bias")
+    act = ACTIVATIONS[spec.activation]
+
+    def separable_conv(x, training):
+        y = tf.nn.conv2d(depthwise(x, training), pointwise, 1, "VALID")
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return Built(separable_conv, tensors)
+
+
+def _upsample(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    """bilinear: tf.image.resize (TensorFlow 2's half-pixel centres); nearest: each cell repeated (the same
+    numbers as resize's nearest, and its gradient compiles under XLA, ResizeNearestNeighborGrad does not)."""
+    spec = layer.spec
+    if spec.interpolation == "bilinear":
+        size = tuple(layer.out_shape[1:])
+        return lambda x, training: tf.image.resize(x, size, method="bilinear")
+    rows, cols = spec.size
+    return lambda x, training: tf.repeat(tf.repeat(x, rows, axis=1), cols, axis=2)
 
 
 def _maxpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
@@ -229,6 +293,10 @@ def _avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
 
 def _global_avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     return lambda x, training: tf.reduce_mean(x, axis=(1, 2))
+
+
+def _global_maxpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    return lambda x, training: tf.reduce_max(x, axis=(1, 2))
 
 
 def _flatten(layer: CompiledLayer, ctx: BuildContext) -> Op:
@@ -346,9 +414,13 @@ def _op(builder: Callable[[CompiledLayer, BuildContext], Op]) -> Callable[[Compi
 # op(x, training) → y. ``ctx.initial`` holds the initial values (NHWC), ``ctx.rng`` the dropout generator.
 BUILDERS: Dict[str, Callable[[CompiledLayer, BuildContext], Built]] = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _op(_maxpool),
     "avgpool": _op(_avgpool),
     "global_avgpool": _op(_global_avgpool),
+    "global_maxpool": _op(_global_maxpool),
+    "upsample": _op(_upsample),
     "flatten": _op(_flatten),
     "dense": _dense,
     "dropout": _op(_dropout),

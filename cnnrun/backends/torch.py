@@ -39,6 +39,10 @@ def _activation(name: str) -> nn.Module:
         "sigmoid": nn.Sigmoid,
         "elu": lambda: nn.ELU(alpha=ELU_ALPHA),
         "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
+        "relu6": nn.ReLU6,
+        "gelu": lambda: nn.GELU(approximate="none"),  # the exact erf form
+        "swish": nn.SiLU,
+        "hard_swish": nn.Hardswish,  # x·relu6(x + 3)/6
     }[name]()
 
 
@@ -47,28 +51,73 @@ def _torch_pad(pads) -> Tuple[int, int, int, int]:
     return (left, right, top, bottom)
 
 
+def _conv2d(layer: CompiledLayer, out_channels: int, groups: int, bias: bool) -> Tuple[nn.Conv2d, object]:
+    """The layer's window as an nn.Conv2d, and the F.pad amounts to apply before it (None when it pads itself).
+
+    nn.Conv2d pads symmetrically; uneven 'same' padding (TF puts the extra cell after) is applied by F.pad.
+    """
+    spec = layer.spec
+    (top, bottom), (left, right) = layer.pads
+    symmetric = top == bottom and left == right
+    conv = nn.Conv2d(layer.in_shape[0], out_channels, spec.kernel, stride=spec.stride,
+                     padding=(top, left) if symmetric else 0, dilation=spec.dilation, groups=groups, bias=bias)
+    return conv, None if symmetric else _torch_pad(layer.pads)
+
+
 class Conv(nn.Module):
     def __init__(self, layer: CompiledLayer):
         super().__init__()
         spec = layer.spec
-        (top, bottom), (left, right) = layer.pads
-        symmetric = top == bottom and left == right
-        # nn.Conv2d pads symmetrically; uneven 'same' padding (TF puts the extra cell after) is applied by F.pad.
-        self.pad = None if symmetric else _torch_pad(layer.pads)
-        self.conv = nn.Conv2d(
-            layer.in_shape[0],
-            spec.filters,
-            spec.kernel,
-            stride=spec.stride,
-            padding=(top, left) if symmetric else 0,
-            bias=spec.bias,
-        )
+        self.conv, self.pad = _conv2d(layer, spec.filters, spec.groups, spec.bias)
         self.act = _activation(spec.activation)
 
     def forward(self, x):
         if self.pad is not None:
             x = F.pad(x, self.pad)
         return self.act(self.conv(x))
+
+
+class DepthwiseConv(Conv):
+    """A conv with one group per input channel: torch's weight (C·m, 1, kh, kw) is the canonical kernel."""
+
+    def __init__(self, layer: CompiledLayer):
+        nn.Module.__init__(self)
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        self.conv, self.pad = _conv2d(layer, channels * spec.depth_multiplier, channels, spec.bias)
+        self.act = _activation(spec.activation)
+
+
+class SeparableConv(nn.Module):
+    """Depthwise (no bias) then a 1×1 conv with the layer's bias and activation."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        middle = channels * spec.depth_multiplier
+        self.depthwise, self.pad = _conv2d(layer, middle, channels, bias=False)
+        self.pointwise = nn.Conv2d(middle, spec.filters, 1, bias=spec.bias)
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(self.pointwise(self.depthwise(x)))
+
+
+class Upsample(nn.Module):
+    """nearest: each cell repeated; bilinear: half-pixel centres, which is torch's align_corners=False."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size = tuple(layer.out_shape[1:])
+        self.mode = layer.spec.interpolation
+
+    def forward(self, x):
+        if self.mode == "nearest":  # source cell ⌊(i + 0.5) / factor⌋ = ⌊i / factor⌋, far from rounding edges
+            return F.interpolate(x, size=self.size, mode="nearest-exact")
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
 
 
 class MaxPool(nn.Module):
@@ -105,6 +154,11 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class GlobalMaxPool(nn.Module):
+    def forward(self, x):
+        return x.amax(dim=(2, 3))
+
+
 class Dense(nn.Module):
     def __init__(self, layer: CompiledLayer):
         super().__init__()
@@ -137,6 +191,17 @@ def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     return Built(module, attribute_handles(module.conv, kernel="weight", bias="bias"))  # OIHW: canonical
 
 
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = DepthwiseConv(layer)
+    return Built(module, attribute_handles(module.conv, kernel="weight", bias="bias"))  # (C·m, 1, kh, kw): canonical
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = SeparableConv(layer)
+    return Built(module, {**attribute_handles(module.depthwise, depthwise_kernel="weight"),
+                          **attribute_handles(module.pointwise, pointwise_kernel="weight", bias="bias")})
+
+
 def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     module = Dense(layer)
     return Built(module, attribute_handles(module.linear, kernel="weight", bias="bias"))  # (out, in): canonical
@@ -151,9 +216,13 @@ def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
 # One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(module, tensors).
 BUILDERS = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": lambda layer, ctx: Built(MaxPool(layer)),
     "avgpool": lambda layer, ctx: Built(AvgPool(layer)),
     "global_avgpool": lambda layer, ctx: Built(GlobalAvgPool()),
+    "global_maxpool": lambda layer, ctx: Built(GlobalMaxPool()),
+    "upsample": lambda layer, ctx: Built(Upsample(layer)),
     "flatten": lambda layer, ctx: Built(nn.Flatten()),  # NCHW → C·H·W order, the canonical one
     "dense": _dense,
     "dropout": lambda layer, ctx: Built(nn.Dropout(layer.spec.rate)),

@@ -44,7 +44,8 @@ import importlib
 import os
 from typing import Any, Dict, List, Mapping, Optional
 
-from cnnrun.distributed.world import MPI, SINGLE, TF_CONFIG, TORCHRUN, World, detect_world
+from cnnrun.backends import BACKENDS, Parallel
+from cnnrun.distributed.world import SINGLE, World, detect_world
 from cnnrun.errors import Problem, UserError
 
 # The collective operations' time limit: a rank that stops answering (hung, or gone without closing its
@@ -52,25 +53,18 @@ from cnnrun.errors import Problem, UserError
 # connections, and the others fail at their next collective operation, within seconds.
 COLLECTIVE_TIMEOUT_S = 300
 
-# Engine key (see engine_key) → the module implementing launch/join/wrap.
-ENGINES: Dict[str, str] = {
-    "torch": "cnnrun.distributed.torch",
-    "keras:torch": "cnnrun.distributed.torch",
-    "tensorflow": "cnnrun.distributed.tensorflow",
-    "keras:tensorflow": "cnnrun.distributed.tensorflow",
-    "chainer": "cnnrun.distributed.chainer",
-}
-# Engine key → the launcher whose worlds it joins (who set the environment detect_world reads).
-JOINS: Dict[str, str] = {
-    "torch": TORCHRUN, "keras:torch": TORCHRUN, "tensorflow": TF_CONFIG, "keras:tensorflow": TF_CONFIG, "chainer": MPI,
-}
-# Engines that cannot synchronise batchnorm, and why (trainer.sync_batchnorm=true is refused before training).
-NO_SYNC_BATCHNORM: Dict[str, str] = {
-    "chainer": "framework=chainer cannot synchronise batchnorm: ChainerMN's MultiNodeBatchNormalization averages "
-               "each rank's mean (wrong when shards differ in size) and takes the variance as E[x²] − E[x]², which "
-               "cancels in float32; use trainer.sync_batchnorm=false (each rank's own statistics) or another "
-               "framework",
-}
+
+
+def _engines() -> Dict[str, Parallel]:
+    """Engine key (see engine_key) → how it trains on several processes, from each framework's BackendInfo: Keras
+    on the engine of its backend's framework."""
+    table = {}
+    for name, info in BACKENDS.items():
+        for options in info.engines:
+            parallel = BACKENDS[options["backend"]].parallel if "backend" in options else info.parallel
+            if parallel is not None:
+                table[engine_key(name, options)] = parallel
+    return table
 
 
 class WorkersFailed(UserError):
@@ -85,6 +79,9 @@ def engine_key(framework: str, options: Mapping[str, Any]) -> str:
     if framework == "keras":
         return f"keras:{options.get('backend', 'tensorflow')}"
     return framework
+
+
+ENGINES: Dict[str, Parallel] = _engines()
 
 
 def describe(key: str) -> str:
@@ -116,11 +113,14 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
         what = f"trainer.devices={devices}" if devices > 1 else f"this process was started by {world.source}"
         return [Problem("trainer.devices", f"{describe(key)} cannot train on several "
                                            f"processes here ({what}); these can: {supported()}")]
-    if world.started and world.source != JOINS[key]:
-        return [Problem("trainer.devices", f"{describe(key)} joins worlds started by {JOINS[key]} (or "
+    engine = ENGINES[key]
+    if world.started and world.source != engine.joins:
+        return [Problem("trainer.devices", f"{describe(key)} joins worlds started by {engine.joins} (or "
                                            f"trainer.devices); this process was started by {world.source}")]
-    if trainer.get("sync_batchnorm") is True and key in NO_SYNC_BATCHNORM:
-        return [Problem("trainer.sync_batchnorm", f"true: {NO_SYNC_BATCHNORM[key]}")]
+    if trainer.get("sync_batchnorm") is True and engine.sync_batchnorm_refusal:
+        return [Problem("trainer.sync_batchnorm", f"true: {describe(key)} cannot synchronise batchnorm: "
+                                                  f"{engine.sync_batchnorm_refusal}; use trainer.sync_batchnorm=false "
+                                                  "(each rank's own statistics) or another framework")]
     if world.started and devices not in (1, world.local_size):
         return [Problem("trainer.devices", f"{devices}, but this process was started by {world.source} as one "
                                            f"of {world.local_size} on this machine; leave trainer.devices=1 "
@@ -129,7 +129,7 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
 
 
 def load_engine(key: str):
-    return importlib.import_module(ENGINES[key])
+    return importlib.import_module(ENGINES[key].module)
 
 
 def rank_device(device, world: World):

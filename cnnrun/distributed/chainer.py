@@ -6,8 +6,8 @@ started joins the world MPI describes. Gradients are averaged over ranks by the 
 the global batch, so the average is the global batch's mean-loss gradient (gradient clipping sees that one).
 
 Needs the ``mpi`` extra (mpi4py) and an MPI library with its ``mpiexec``: Open MPI (Debian: ``openmpi-bin``),
-whose ``libmpi.so.40`` the mpi4py wheel loads. Synchronised batchnorm is refused before training (see
-:data:`cnnrun.distributed.NO_SYNC_BATCHNORM`).
+whose ``libmpi.so.40`` the mpi4py wheel loads. Synchronised batchnorm is refused before training (its
+``Parallel.sync_batchnorm_refusal`` in :data:`cnnrun.backends.BACKENDS`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class ChainerParallel:
 
 
 def wrap(runner, collective: MpiCollective, sync_batchnorm: bool) -> ChainerParallel:
-    """Average a Chainer runner's gradients over ranks (sync_batchnorm is refused earlier: NO_SYNC_BATCHNORM)."""
+    """Average a Chainer runner's gradients over ranks (sync_batchnorm is refused earlier: its sync_batchnorm_refusal)."""
     runner.communicator = collective.communicator
     return ChainerParallel(runner, collective)
 

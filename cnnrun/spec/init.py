@@ -1,7 +1,8 @@
 """Initial weights drawn by cnnrun, in canonical layout, so every framework starts from the same numbers.
 
 Each tensor is initialised as its layer type declares (``TENSORS`` in :mod:`cnnrun.spec.layers`): kernels
-Glorot-uniform (Keras's default) over the fans of their canonical axes; biases and batchnorm beta: 0; gamma and
+Glorot-uniform (Keras's default) over the fans of their canonical axes (a grouped or depthwise
+kernel's layer narrows them: ``LayerSpec.fans``); biases and batchnorm beta: 0; gamma and
 running variance: 1.
 """
 

@@ -20,7 +20,7 @@ from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from tests.helpers import ROOT, shipped_model
 from tests.reference import random_weights, reference_logits
-from tests.specs import POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
+from tests.specs import MOBILE, MOBILE_INPUT, POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3, weight_decay=1e-4)
 SGD = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -79,10 +79,11 @@ def test_shipped_models_param_counts(name):
     assert sum(p.size for p in Network(model, Noise(0)).params()) == model.params
 
 
-LOGIT_CASES = [(STRESS, STRESS_INPUT), (POOLING, POOLING_INPUT), (shipped_model("resnet_lite"), (1, 28, 28))]
+LOGIT_CASES = [(STRESS, STRESS_INPUT), (POOLING, POOLING_INPUT), (MOBILE, MOBILE_INPUT),
+               (shipped_model("resnet_lite"), (1, 28, 28))]
 
 
-@pytest.mark.parametrize("spec,input_shape", LOGIT_CASES, ids=["stress", "pooling", "resnet_lite"])
+@pytest.mark.parametrize("spec,input_shape", LOGIT_CASES, ids=["stress", "pooling", "mobile", "resnet_lite"])
 def test_logits_equal_reference_and_torch(spec, input_shape):
     model = compile_model(spec, input_shape, 10)
     weights = random_weights(model, seed=3)

@@ -32,7 +32,7 @@ from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from cnnrun.summary import summary_dict
 from tests.helpers import framework_engines, shipped_model
-from tests.specs import without_dropout
+from tests.specs import MOBILE, MOBILE_INPUT, without_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +185,17 @@ NO_BIAS = {
     ],
 }
 
+# The activations straight to the logits, their inputs spread over [-4, 4] where each curve bends: the tanh form of
+# GELU, or hard swish with another slope, moves these logits by more than LOGITS_ATOL.
+ACTIVATIONS = {
+    "name": "activations",
+    "layers": [
+        {"type": "flatten"},
+        {"type": "dense", "units": 16, "activation": "gelu"},
+        {"type": "dense", "units": 10, "activation": "hard_swish"},
+    ],
+}
+
 CASES = {
     "classic_cnn": (shipped_model("classic_cnn"), (1, 28, 28)),
     "resnet_lite": (shipped_model("resnet_lite"), (1, 28, 28)),
@@ -192,6 +203,8 @@ CASES = {
     "stress_gray": (STRESS_GRAY, (1, 27, 27)),
     "flat_out": (FLAT_OUT, (1, 8, 8)),
     "no_bias": (NO_BIAS, (1, 9, 9)),
+    "mobile": (MOBILE, MOBILE_INPUT),  # the newer layer types, options and activations
+    "activations": (ACTIVATIONS, (1, 1, 12)),
 }
 OPTIMIZERS = {
     "adam": {"name": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-7, "weight_decay": 0.0},

@@ -14,7 +14,7 @@ from cnnrun.errors import UserError
 from cnnrun.spec import compile_model
 from tests.helpers import shipped_model
 from tests.reference import random_weights, reference_logits
-from tests.specs import POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
+from tests.specs import MOBILE, MOBILE_INPUT, POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3)
 CPU = DeviceConfig(name="cpu")
@@ -54,6 +54,7 @@ def test_shipped_models_param_counts_equal_torch(name):
 
 
 @pytest.mark.parametrize("spec,input_shape", [(STRESS, STRESS_INPUT), (POOLING, POOLING_INPUT),
+                                              (MOBILE, MOBILE_INPUT),
                                               (shipped_model("resnet_lite"), (1, 28, 28))])
 def test_logits_equal_numpy_reference(spec, input_shape):
     model = compile_model(spec, input_shape, 10)

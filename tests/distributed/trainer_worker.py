@@ -66,7 +66,7 @@ CASES = {
         ("keras-tensorflow", "keras", {"backend": "tensorflow"}, PLAIN, False),
         ("keras-tensorflow-syncbn", "keras", {"backend": "tensorflow"}, BATCHNORM, True),
     ],
-    "chainer": [("chainer", "chainer", {}, PLAIN, False)],  # no synchronised batchnorm: NO_SYNC_BATCHNORM
+    "chainer": [("chainer", "chainer", {}, PLAIN, False)],  # no synchronised batchnorm: sync_batchnorm_refusal
 }
 
 
