@@ -20,7 +20,8 @@ def test_summary_json_prints_every_layer_and_totals(workdir):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["total_params"] == 174874
-    assert data["layers"][0] == {"name": "conv2d_0", "type": "conv2d", "depth": 0, "output_shape": [16, 28, 28],
+    assert data["layers"][0] == {"name": "conv2d_0", "label": "conv2d_0", "type": "conv2d", "depth": 0,
+                                 "output_shape": [16, 28, 28],
                                  "params": 144, "flops": 225792}
     assert [row["name"] for row in data["layers"]][-3:] == ["global_avgpool_9", "dense_10", "softmax_11"]
 

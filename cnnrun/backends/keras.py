@@ -359,7 +359,9 @@ def _residual(b: Builder, layer: CompiledLayer, x):
     y = x
     for child in layer.body:
         y = b.build(child, y)
-    shortcut = b.build(layer.shortcut, x) if layer.shortcut else x
+    shortcut = x  # the identity, unless the block has shortcut layers
+    for child in layer.shortcut:
+        shortcut = b.build(child, shortcut)
     y = b.keras.layers.Add(name=b.keras_name(layer, "__add"))([y, shortcut])
     fn = activation_fn(layer.spec.activation)
     return y if fn is None else b.keras.layers.Activation(fn, name=b.keras_name(layer))(y)

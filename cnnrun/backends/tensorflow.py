@@ -302,14 +302,16 @@ def _identity(layer: CompiledLayer, variables: Variables, rng) -> Op:
 
 def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
     body = [build_layer(child, variables, rng) for child in layer.body]
-    shortcut = build_layer(layer.shortcut, variables, rng) if layer.shortcut else None
+    shortcut = [build_layer(child, variables, rng) for child in layer.shortcut]  # empty: the identity
     act = ACTIVATIONS[layer.spec.activation]
 
     def residual(x, training):
-        y = x
+        y, s = x, x
         for op in body:
             y = op(y, training)
-        return act(y + (shortcut(x, training) if shortcut is not None else x))
+        for op in shortcut:
+            s = op(s, training)
+        return act(y + s)
 
     return residual
 

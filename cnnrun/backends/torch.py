@@ -118,7 +118,7 @@ class Residual(nn.Module):
     def __init__(self, layer: CompiledLayer):
         super().__init__()
         self.body = nn.Sequential(*[build_layer(child) for child in layer.body])
-        self.shortcut = build_layer(layer.shortcut) if layer.shortcut else nn.Identity()
+        self.shortcut = nn.Sequential(*[build_layer(child) for child in layer.shortcut])  # empty: the identity
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):
@@ -186,8 +186,7 @@ class Network(nn.Module):
                     index[f"{layer.name}/moving_variance"] = (module, "running_var")
                 elif layer.type == "residual":
                     visit(layer.body, module.body)
-                    if layer.shortcut is not None:
-                        visit([layer.shortcut], [module.shortcut])
+                    visit(layer.shortcut, module.shortcut)
 
         visit(model.layers, self.layers)
         return index

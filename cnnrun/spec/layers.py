@@ -14,6 +14,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cnnrun.errors import did_you_mean, one_of
+from cnnrun.spec.patch import index_keyed
 from cnnrun.spec.shapes import empty_window, output_size
 
 Shape = Tuple[int, ...]
@@ -266,24 +267,48 @@ class Softmax(LayerSpec):
 
 
 class Residual(LayerSpec):
-    """``activation(body(x) + shortcut(x))``; the shortcut is a 1×1 strided conv when the shape changes."""
+    """``activation(body(x) + shortcut(x))``.
+
+    Without ``shortcut`` the compiler picks it: the identity when the body keeps the shape, else a 1×1 conv (with
+    bias) whose stride is the body's total stride. A list gives the shortcut's layers (ResNet's downsampling: a
+    bias-free 1×1 strided conv and a batchnorm); ``shortcut: []`` is the identity, always.
+    """
 
     type: Literal["residual"] = "residual"
-    layers: List["AnyLayer"] = Field(min_length=1)
+    layers: List["AnyLayer"] = Field(min_length=1, description="The block's body.")
+    shortcut: Optional[List["AnyLayer"]] = Field(
+        default=None, description="The shortcut's layers; [] for the identity; absent: chosen by shape."
+    )
     activation: str = "linear"
 
     _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
 
 
-AnyLayer = Annotated[
-    Union[Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual],
-    Field(discriminator="type"),
-]
-Residual.model_rebuild()
+class Repeat(LayerSpec):
+    """``layers`` written once and used ``times`` times in a row; the compiler expands it.
 
-LAYER_TYPES: Dict[str, type] = {
-    cls.model_fields["type"].default: cls
-    for cls in (Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
-}
+    Repetition k of a repeat named N consists of layers named ``N_k/<layer name>``. ``overrides`` changes single
+    repetitions: ``overrides.<k>`` holds changes to repetition k, addressed as below ``layers`` (keys that are
+    indices pick list items, so ``{"0": {stride: 2}}`` sets ``layers[0].stride``; any other value replaces).
+    """
+
+    type: Literal["repeat"] = "repeat"
+    times: int = Field(ge=1, description="How many copies of layers follow each other.")
+    layers: List["AnyLayer"] = Field(min_length=1, description="The layers of one repetition.")
+    overrides: Dict[int, Any] = Field(
+        default_factory=dict, description="Changes to single repetitions, by repetition index."
+    )
+
+    _check_overrides = field_validator("overrides", mode="before")(lambda cls, v: index_keyed(v, "repetition"))
+
+
+_BUILT = (Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
+AnyLayer = Annotated[Union[(*_BUILT, Repeat)], Field(discriminator="type")]
+Residual.model_rebuild()
+Repeat.model_rebuild()
+
+# The layer types backends build; a spec may also hold a repeat, which the compiler expands into these.
+LAYER_TYPES: Dict[str, type] = {cls.model_fields["type"].default: cls for cls in _BUILT}
+SPEC_TYPES: Dict[str, type] = {**LAYER_TYPES, "repeat": Repeat}
 # Layers allowed inside a residual body: they work on feature maps, so the sum with the shortcut is defined.
-RESIDUAL_BODY_TYPES = ("conv2d", "maxpool", "avgpool", "batchnorm", "activation", "dropout", "residual")
+RESIDUAL_BODY_TYPES = ("conv2d", "maxpool", "avgpool", "batchnorm", "activation", "dropout", "residual", "repeat")
