@@ -4,14 +4,16 @@
 ``output_shape``, ``weight_shapes``) and one builder per backend; ``tests/backends`` fails for a forgotten builder.
 
 Shapes are per image, channels first: ``(C, H, W)`` for feature maps, ``(F,)`` for vectors. Weight shapes are in
-cnnrun's canonical layout: conv kernels OIHW, dense kernels (out, in), a flattened vector in C·H·W order.
+cnnrun's canonical layout (PyTorch's): conv kernels OIHW, a grouped conv's (out, in / groups, kh, kw), a depthwise
+kernel (C·multiplier, 1, kh, kw) with output channel c·multiplier + j drawn from input channel c, dense kernels
+(out, in), a flattened vector in C·H·W order.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnnrun.errors import did_you_mean, one_of
 from cnnrun.spec.patch import index_keyed
@@ -19,9 +21,13 @@ from cnnrun.spec.shapes import empty_window, output_size
 
 Shape = Tuple[int, ...]
 Pair = Tuple[int, int]
-ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "elu", "leaky_relu")
+# relu6: min(max(x, 0), 6). gelu: the exact form x·Φ(x) = x·(1 + erf(x/√2))/2, never the tanh approximation.
+# swish: x·sigmoid(x) (β = 1), also accepted as silu. hard_swish: x·relu6(x + 3)/6, MobileNetV3's definition.
+ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "relu6", "gelu", "swish", "hard_swish")
+ACTIVATION_ALIASES = {"silu": "swish"}  # other names for the same function: the spec keeps the one above
 LEAKY_RELU_SLOPE = 0.2  # tf.nn.leaky_relu's default; every backend uses this one value
 ELU_ALPHA = 1.0
+INTERPOLATIONS = ("nearest", "bilinear")
 
 
 class ShapeProblem(ValueError):
@@ -50,8 +56,11 @@ def _padding(value: Any) -> Union[str, Pair]:
 def _activation(value: Any) -> str:
     if value is None:
         return "linear"
+    if isinstance(value, str) and value in ACTIVATION_ALIASES:
+        return ACTIVATION_ALIASES[value]
     if value not in ACTIVATIONS:
-        raise ValueError(f"expected {one_of(ACTIVATIONS)}; received {value!r}{did_you_mean(value, ACTIVATIONS)}")
+        names = (*ACTIVATIONS, *ACTIVATION_ALIASES)
+        raise ValueError(f"expected {one_of(names)}; received {value!r}{did_you_mean(value, names)}")
     return value
 
 
@@ -80,6 +89,17 @@ class LayerSpec(BaseModel):
     def flops(self, in_shape: Shape, out_shape: Shape) -> int:
         return _numel(out_shape)
 
+    def kernel_fans(self, in_shape: Shape) -> Dict[str, Tuple[int, int]]:
+        """(fan_in, fan_out) of each kernel, for Glorot initialisation: inputs feeding one output and outputs
+        fed by one input, times the receptive field. Read from the canonical shape (out, in, kh, kw) or (out, in);
+        layers whose kernels connect fewer channels (groups, depthwise) override it."""
+        fans = {}
+        for param, shape in self.weight_shapes(in_shape).items():
+            if param.endswith("kernel"):
+                receptive = _numel(shape[2:])
+                fans[param] = (shape[1] * receptive, shape[0] * receptive)
+        return fans
+
 
 def _numel(shape: Shape) -> int:
     n = 1
@@ -89,13 +109,14 @@ def _numel(shape: Shape) -> int:
 
 
 class _Window(LayerSpec):
-    """A sliding window with kernel, stride and padding (conv2d and the poolings)."""
+    """A sliding window with kernel, stride and padding (the convolutions and the poolings)."""
 
     padding: Union[str, Pair] = "valid"
 
     _check_padding = field_validator("padding", mode="before")(lambda cls, v: _padding(v))
 
     def _window(self) -> Tuple[Pair, Pair]:
+        """(extent, stride) per axis; the extent of a dilated kernel is dilation·(k − 1) + 1."""
         raise NotImplementedError
 
     def spatial_output(self, in_shape: Shape) -> Pair:
@@ -104,33 +125,132 @@ class _Window(LayerSpec):
         return (output_size(in_shape[1], kh, sh, ph), output_size(in_shape[2], kw, sw, pw))
 
 
-class Conv2D(_Window):
-    type: Literal["conv2d"] = "conv2d"
-    filters: int = Field(gt=0, description="Output channels.")
+class _Convolution(_Window):
+    """What every convolution shares: kernel, stride, dilation, activation, bias."""
+
     kernel: Pair = Field(description="Kernel size: int or [h, w].")
     stride: Pair = (1, 1)
+    dilation: Pair = Field(default=(1, 1), description="Spacing between kernel taps: int or [h, w].")
     activation: str = "linear"
     bias: bool = True
 
     _check_kernel = field_validator("kernel", mode="before")(lambda cls, v: _pair(v, "kernel", 1))
     _check_stride = field_validator("stride", mode="before")(lambda cls, v: _pair(v, "stride", 1))
+    _check_dilation = field_validator("dilation", mode="before")(lambda cls, v: _pair(v, "dilation", 1))
     _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
 
+    @model_validator(mode="after")
+    def _stride_or_dilation(self):
+        # TensorFlow and Keras implement dilation only at stride 1 (tf.nn.convolution's rule).
+        if max(self.stride) > 1 and max(self.dilation) > 1:
+            raise ValueError(
+                f"stride {list(self.stride)} and dilation {list(self.dilation)} cannot both exceed 1 "
+                "(dilated convolutions run at stride 1 in TensorFlow and Keras); set one of them to 1"
+            )
+        return self
+
     def _window(self):
-        return self.kernel, self.stride
+        extent = tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
+        return extent, self.stride
+
+    def _depthwise_fans(self, multiplier: int) -> Tuple[int, int]:
+        """A depthwise kernel: each output sees one input channel; each input feeds ``multiplier`` outputs."""
+        receptive = self.kernel[0] * self.kernel[1]
+        return receptive, multiplier * receptive
+
+
+class Conv2D(_Convolution):
+    """Convolution; with ``groups`` g, input and output channels split into g groups convolved separately."""
+
+    type: Literal["conv2d"] = "conv2d"
+    filters: int = Field(gt=0, description="Output channels.")
+    groups: int = Field(default=1, gt=0, description="Channel groups; filters and input channels divisible by it.")
+
+    @model_validator(mode="after")
+    def _filters_in_groups(self):
+        if self.filters % self.groups:
+            raise ValueError(f"filters ({self.filters}) must be divisible by groups ({self.groups})")
+        return self
 
     def output_shape(self, in_shape):
         _require_3d(in_shape, "conv2d")
+        if in_shape[0] % self.groups:
+            raise ShapeProblem(
+                f"its input has {in_shape[0]} channels, which groups ({self.groups}) does not divide; "
+                f"use a groups value that divides both {in_shape[0]} and filters ({self.filters})"
+            )
         return (self.filters, *self.spatial_output(in_shape))
 
     def weight_shapes(self, in_shape):
-        shapes = {"kernel": (self.filters, in_shape[0], *self.kernel)}
+        shapes = {"kernel": (self.filters, in_shape[0] // self.groups, *self.kernel)}
         if self.bias:
             shapes["bias"] = (self.filters,)
         return shapes
 
+    def kernel_fans(self, in_shape):
+        fan_in, fan_out = super().kernel_fans(in_shape)["kernel"]
+        return {"kernel": (fan_in, fan_out // self.groups)}
+
     def flops(self, in_shape, out_shape):
-        return 2 * in_shape[0] * self.kernel[0] * self.kernel[1] * _numel(out_shape)
+        return 2 * (in_shape[0] // self.groups) * self.kernel[0] * self.kernel[1] * _numel(out_shape)
+
+
+class DepthwiseConv2D(_Convolution):
+    """Each input channel convolved on its own into ``depth_multiplier`` channels (Keras's DepthwiseConv2D).
+
+    Output channel c·depth_multiplier + j comes from input channel c. Canonical kernel: (C·multiplier, 1, kh, kw).
+    """
+
+    type: Literal["depthwise_conv2d"] = "depthwise_conv2d"
+    depth_multiplier: int = Field(default=1, gt=0, description="Output channels per input channel.")
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, self.type)
+        return (in_shape[0] * self.depth_multiplier, *self.spatial_output(in_shape))
+
+    def weight_shapes(self, in_shape):
+        channels = in_shape[0] * self.depth_multiplier
+        shapes = {"kernel": (channels, 1, *self.kernel)}
+        if self.bias:
+            shapes["bias"] = (channels,)
+        return shapes
+
+    def kernel_fans(self, in_shape):
+        return {"kernel": self._depthwise_fans(self.depth_multiplier)}
+
+    def flops(self, in_shape, out_shape):
+        return 2 * self.kernel[0] * self.kernel[1] * _numel(out_shape)
+
+
+class SeparableConv2D(_Convolution):
+    """A depthwise convolution (with ``depth_multiplier``) then a 1×1 convolution to ``filters``, as Keras's
+    SeparableConv2D: no bias or activation between the two, one bias and the activation after the 1×1.
+
+    Canonical kernels: ``depthwise_kernel`` (C·multiplier, 1, kh, kw), ``pointwise_kernel`` (filters, C·multiplier,
+    1, 1); stride, padding and dilation belong to the depthwise step.
+    """
+
+    type: Literal["separable_conv2d"] = "separable_conv2d"
+    filters: int = Field(gt=0, description="Output channels.")
+    depth_multiplier: int = Field(default=1, gt=0, description="Depthwise output channels per input channel.")
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, self.type)
+        return (self.filters, *self.spatial_output(in_shape))
+
+    def weight_shapes(self, in_shape):
+        middle = in_shape[0] * self.depth_multiplier
+        shapes = {"depthwise_kernel": (middle, 1, *self.kernel), "pointwise_kernel": (self.filters, middle, 1, 1)}
+        if self.bias:
+            shapes["bias"] = (self.filters,)
+        return shapes
+
+    def kernel_fans(self, in_shape):
+        return {**super().kernel_fans(in_shape), "depthwise_kernel": self._depthwise_fans(self.depth_multiplier)}
+
+    def flops(self, in_shape, out_shape):
+        middle = in_shape[0] * self.depth_multiplier * out_shape[1] * out_shape[2]
+        return 2 * self.kernel[0] * self.kernel[1] * middle + 2 * in_shape[0] * self.depth_multiplier * _numel(out_shape)
 
 
 class _Pool(_Window):
@@ -191,6 +311,36 @@ class GlobalAvgPool(LayerSpec):
 
     def flops(self, in_shape, out_shape):
         return _numel(in_shape)
+
+
+class GlobalMaxPool(LayerSpec):
+    type: Literal["global_maxpool"] = "global_maxpool"
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, "global_maxpool")
+        return (in_shape[0],)
+
+    def flops(self, in_shape, out_shape):
+        return _numel(in_shape)
+
+
+class Upsample(LayerSpec):
+    """Enlarges H and W by integer factors. ``nearest`` repeats each cell; ``bilinear`` interpolates with
+    half-pixel centres: output cell i samples input coordinate (i + 0.5)/factor − 0.5, clamped to the edge cells
+    (TensorFlow 2's ``tf.image.resize``, Keras's UpSampling2D, PyTorch's ``align_corners=False``)."""
+
+    type: Literal["upsample"] = "upsample"
+    size: Pair = Field(default=(2, 2), description="Factor per axis: int or [h, w].")
+    interpolation: Literal["nearest", "bilinear"] = "nearest"
+
+    _check_size = field_validator("size", mode="before")(lambda cls, v: _pair(v, "size", 1))
+
+    def output_shape(self, in_shape):
+        _require_3d(in_shape, "upsample")
+        return (in_shape[0], in_shape[1] * self.size[0], in_shape[2] * self.size[1])
+
+    def flops(self, in_shape, out_shape):
+        return (4 if self.interpolation == "bilinear" else 1) * _numel(out_shape)
 
 
 class Flatten(LayerSpec):
@@ -255,7 +405,7 @@ class BatchNorm(LayerSpec):
 
 class Activation(LayerSpec):
     type: Literal["activation"] = "activation"
-    fn: str = Field(description="relu, tanh, sigmoid, elu, leaky_relu or linear.")
+    fn: str = Field(description=f"{one_of(ACTIVATIONS)} (silu is swish).")
 
     _check_fn = field_validator("fn", mode="before")(lambda cls, v: _activation(v))
 
@@ -302,7 +452,8 @@ class Repeat(LayerSpec):
     _check_overrides = field_validator("overrides", mode="before")(lambda cls, v: index_keyed(v, "repetition"))
 
 
-_BUILT = (Conv2D, MaxPool, AvgPool, GlobalAvgPool, Flatten, Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
+_BUILT = (Conv2D, DepthwiseConv2D, SeparableConv2D, MaxPool, AvgPool, GlobalAvgPool, GlobalMaxPool, Upsample, Flatten,
+          Dense, Dropout, BatchNorm, Activation, Softmax, Residual)
 AnyLayer = Annotated[Union[(*_BUILT, Repeat)], Field(discriminator="type")]
 Residual.model_rebuild()
 Repeat.model_rebuild()
@@ -311,4 +462,5 @@ Repeat.model_rebuild()
 LAYER_TYPES: Dict[str, type] = {cls.model_fields["type"].default: cls for cls in _BUILT}
 SPEC_TYPES: Dict[str, type] = {**LAYER_TYPES, "repeat": Repeat}
 # Layers allowed inside a residual body: they work on feature maps, so the sum with the shortcut is defined.
-RESIDUAL_BODY_TYPES = ("conv2d", "maxpool", "avgpool", "batchnorm", "activation", "dropout", "residual", "repeat")
+RESIDUAL_BODY_TYPES = ("conv2d", "depthwise_conv2d", "separable_conv2d", "maxpool", "avgpool", "batchnorm",
+                       "activation", "dropout", "residual", "repeat")
