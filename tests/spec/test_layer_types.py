@@ -129,7 +129,7 @@ def test_a_strided_depthwise_body_gets_a_projection_with_its_stride():
             {"type": "depthwise_conv2d", "kernel": 3, "stride": 2, "padding": "same", "depth_multiplier": 2}]},
         *HEAD,
     ])
-    shortcut = model.layers[0].shortcut
+    (shortcut,) = model.layers[0].shortcut
     assert shortcut.spec.stride == (2, 2) and shortcut.out_shape == (8, 5, 5)
 
 
