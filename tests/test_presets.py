@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from cnnrun.spec import compile_model
-from tests.helpers import ROOT, run_cli, shipped_model
+from tests.helpers import composed_config, run_cli, shipped_model
 
 IMAGENET = (3, 224, 224)
 SUMMARY_224 = ["task=summary", "dataset.image_size=224", "dataset.channels=3", "dataset.num_classes=1000",
@@ -127,3 +127,14 @@ def test_a_bad_repetition_override_names_its_key_and_the_command_line(workdir):
     assert lines[2].strip().startswith("model.layers[4].overrides[1][0].layers[0].filtres: unknown key 'filtres' "
                                        "(did you mean 'filters'?)")
     assert lines[2].endswith("[command line: +model.layers.4.overrides.1.0.layers.0.filtres=3]")
+
+
+def test_a_resnet18_run_logs_a_few_dozen_params():
+    """Residual and repeat bodies, shortcuts and overrides are logged as one JSON param each."""
+    from cnnrun.config import flatten_for_logging
+    from cnnrun.tasks.train import _loggable
+
+    params = flatten_for_logging(_loggable(composed_config(["model=resnet18"])))
+    assert not [key for key in params if ".overrides." in key or ".shortcut." in key]
+    assert json.loads(params["model.layers.5.overrides"])["0"]["0"]["layers"]["0"] == {"stride": 2}
+    assert json.loads(params["model.layers.5.layers"])[0]["shortcut"] == []
