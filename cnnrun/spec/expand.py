@@ -40,9 +40,9 @@ def expand(specs: List[LayerSpec], key: str, prefix: str, problems: List[Problem
     for i, spec in enumerate(specs):
         here, name = f"{key}[{i}]", prefix + (spec.name or f"{spec.type}_{i}")
         if isinstance(spec, Repeat):
-            for index in (i for i in spec.overrides if i >= spec.times):
-                problems.append(Problem(f"{here}.overrides[{index}]", f"there is no repetition {index}: times is "
-                                        f"{spec.times} (repetitions 0–{spec.times - 1})"))
+            for missing in (k for k in spec.overrides if k >= spec.times):
+                problems.append(Problem(f"{here}.overrides[{missing}]", f"there is no repetition {missing}: times "
+                                        f"is {spec.times} (repetitions 0–{spec.times - 1})"))
             for k in range(spec.times):
                 unit, unit_key = _repetition(spec, k, here, problems)
                 entries += expand(unit, unit_key, f"{name}_{k}/", problems, f"repetition {k} of {spec.times}")
