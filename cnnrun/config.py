@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cnnrun.errors import ConfigError, Problem
+from cnnrun.spec.layers import _pair
 from cnnrun.spec.validation import problems_from
 from cnnrun.sweep.objective import DEFAULT_OBJECTIVE, unknown_objective
 
@@ -81,13 +82,15 @@ class DatasetConfig(_Group):
     name: str
     num_classes: int = Field(gt=1)
     channels: int = Field(gt=0)
-    image_size: Tuple[int, int] = Field(description="[height, width] of the images the model receives.")
+    image_size: Tuple[int, int] = Field(description="[height, width] of the images the model receives; n: [n, n].")
     root: Optional[str] = Field(default=None, description="Where the files are (or go, for downloads).")
     download: bool = True
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     augment: AugmentConfig = AugmentConfig()
+
+    _square = field_validator("image_size", mode="before")(lambda cls, v: _pair(v, "image_size", 1))
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:

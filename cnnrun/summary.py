@@ -5,23 +5,30 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
-from cnnrun.spec import CompiledModel, fmt_shape
+from cnnrun.spec import CompiledLayer, CompiledModel, fmt_shape
 
 
 def summary_rows(model: CompiledModel) -> List[Dict[str, Any]]:
-    rows = []
-    for layer in model.walk():
-        depth = layer.name.count("/")
-        rows.append(
-            {
-                "name": layer.name,
-                "type": layer.type,
-                "depth": depth,
-                "output_shape": list(layer.out_shape),
-                "params": layer.params,
-                "flops": layer.total_flops,
-            }
-        )
+    """One row per layer, depth first; ``label`` is the name below the enclosing block (``conv2d_0``,
+    ``shortcut/batchnorm_1``), so nested rows read as an indented tree."""
+    rows: List[Dict[str, Any]] = []
+
+    def visit(layers: List[CompiledLayer], parent: str, depth: int) -> None:
+        for layer in layers:
+            rows.append(
+                {
+                    "name": layer.name,
+                    "label": layer.name[len(parent):],
+                    "type": layer.type,
+                    "depth": depth,
+                    "output_shape": list(layer.out_shape),
+                    "params": layer.params,
+                    "flops": layer.total_flops,
+                }
+            )
+            visit(layer.children(), layer.name + "/", depth + 1)
+
+    visit(model.layers, "", 0)
     return rows
 
 
@@ -32,6 +39,7 @@ def summary_dict(model: CompiledModel) -> Dict[str, Any]:
         "num_classes": model.num_classes,
         "layers": summary_rows(model),
         "total_params": model.params,
+        "batchnorm_statistics": model.statistics,
         "total_flops": model.flops,
     }
 
@@ -44,7 +52,7 @@ def summary_table(model: CompiledModel):
     from rich.table import Table
 
     table = Table(title=f"{model.name}: input {fmt_shape(model.input_shape)}, {model.num_classes} classes")
-    table.add_column("layer")
+    table.add_column("layer", overflow="fold")  # a long repeated name wraps; an ellipsis would hide which it is
     table.add_column("type")
     table.add_column("output", justify="right")
     table.add_column("params", justify="right")
@@ -52,7 +60,7 @@ def summary_table(model: CompiledModel):
     for row in summary_rows(model):
         indent = "  " * row["depth"]
         table.add_row(
-            indent + row["name"].rsplit("/", 1)[-1],
+            indent + row["label"],
             row["type"],
             fmt_shape(row["output_shape"]),
             f"{row['params']:,}",
@@ -60,6 +68,8 @@ def summary_table(model: CompiledModel):
         )
     table.add_section()
     table.add_row("total", "", fmt_shape(model.output_shape), f"{model.params:,}", f"{model.flops:,}")
+    table.caption = (f"{model.params:,} trainable parameters; batchnorm running statistics: {model.statistics:,} "
+                     "more values (Keras counts them as non-trainable parameters)")
     return table
 
 

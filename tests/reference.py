@@ -116,7 +116,9 @@ def forward_layer(x, layer: CompiledLayer, w):
         y = x
         for child in layer.body:
             y = forward_layer(y, child, w)
-        shortcut = forward_layer(x, layer.shortcut, w) if layer.shortcut else x
+        shortcut = x
+        for child in layer.shortcut:
+            shortcut = forward_layer(shortcut, child, w)
         return activation(y + shortcut, spec.activation)
     raise NotImplementedError(t)
 

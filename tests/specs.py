@@ -20,6 +20,11 @@ STRESS = {
             {"type": "batchnorm"},
             {"type": "activation", "fn": "sigmoid"},
         ]},
+        # shortcut layers written out (a batchnorm), and `shortcut: []` in the repetition an override changes
+        {"type": "repeat", "times": 2, "layers": [
+            {"type": "residual", "activation": "tanh", "layers": [{"type": "conv2d", "filters": 8, "kernel": 1}],
+             "shortcut": [{"type": "batchnorm"}]},
+        ], "overrides": {"1": {"0": {"shortcut": []}}}},
         {"type": "dropout", "rate": 0.25},
         {"type": "flatten"},
         {"type": "batchnorm"},
@@ -86,8 +91,9 @@ def without_dropout(spec: Dict) -> Dict:
             layer = dict(layer)
             if layer["type"] == "dropout":
                 layer["rate"] = 0.0
-            if layer["type"] == "residual":
-                layer["layers"] = strip(layer["layers"])
+            for inner in ("layers", "shortcut"):  # residual bodies and shortcuts, repeated layers
+                if isinstance(layer.get(inner), list):
+                    layer[inner] = strip(layer[inner])
             out.append(layer)
         return out
 

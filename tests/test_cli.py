@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from tests.helpers import mlflow_runs, run_cli
+from cnnrun.errors import one_of
+from tests.helpers import mlflow_runs, run_cli, shipped_models
 
 
 def assert_user_error(result, *fragments):
@@ -20,7 +21,8 @@ def test_summary_json_prints_every_layer_and_totals(workdir):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["total_params"] == 174874
-    assert data["layers"][0] == {"name": "conv2d_0", "type": "conv2d", "depth": 0, "output_shape": [16, 28, 28],
+    assert data["layers"][0] == {"name": "conv2d_0", "label": "conv2d_0", "type": "conv2d", "depth": 0,
+                                 "output_shape": [16, 28, 28],
                                  "params": 144, "flops": 225792}
     assert [row["name"] for row in data["layers"]][-3:] == ["global_avgpool_9", "dense_10", "softmax_11"]
 
@@ -147,7 +149,7 @@ def test_added_key_lists_its_own_groups_keys_not_the_roots(workdir):
     assert "task, model" not in result.stderr
 
 
-@pytest.mark.parametrize("override,choices", [("model=nope", "'classic_cnn' or 'resnet_lite'"),
+@pytest.mark.parametrize("override,choices", [("model=nope", one_of(shipped_models())),
                                               ("hydra/launcher=nope", "'ray_local', 'submitit_local' or 'submitit_slurm'")])
 def test_unknown_group_choice_is_one_line_without_the_search_path(workdir, override, choices):
     result = run_cli(["task=validate", override], workdir)
@@ -163,7 +165,7 @@ def test_help_is_cnnruns_own(workdir):
     assert text.startswith("cnnrun: train a CNN"), text[:300]
     assert "powered by Hydra" not in text
     sections = [text.index(s) for s in ("== Tasks", "task=eval checkpoint=", "== Examples", "== Config groups",
-                                        "model: classic_cnn, resnet_lite", "--multirun")]
+                                        "model: " + ", ".join(shipped_models()), "--multirun")]
     assert sections == sorted(sections), text
     assert "--version : Show cnnrun's version" in text
 

@@ -287,20 +287,22 @@ class Dropout(chainer.Link):
 
 
 class Residual(chainer.Chain):
-    """activation(body(x) + shortcut(x)); the shortcut is the compiler's 1×1 projection conv, or the identity."""
+    """activation(body(x) + shortcut(x)); the shortcut's layers come from the compiler (none: the identity)."""
 
     def __init__(self, layer: CompiledLayer, ctx: BuildContext):
         super().__init__()
         with self.init_scope():
             self.body = chainer.ChainList(*[ctx.build(child) for child in layer.body])
-            self.shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
+            self.shortcut = chainer.ChainList(*[ctx.build(child) for child in layer.shortcut])
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):
-        y = x
+        y, shortcut = x, x
         for link in self.body:
             y = link(y)
-        return self.act(y + (self.shortcut(x) if self.shortcut is not None else x))
+        for link in self.shortcut:
+            shortcut = link(shortcut)
+        return self.act(y + shortcut)
 
 
 def _flatten(x):

@@ -403,7 +403,9 @@ def _residual(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     y = x
     for child in layer.body:
         y = ctx.build(child, y)
-    shortcut = ctx.build(layer.shortcut, x) if layer.shortcut else x
+    shortcut = x  # the identity, unless the block has shortcut layers
+    for child in layer.shortcut:
+        shortcut = ctx.build(child, shortcut)
     y = ctx.keras.layers.Add(name=keras_name(layer, "__add"))([y, shortcut])
     fn = activation_fn(layer.spec.activation)
     return Built(y if fn is None else ctx.keras.layers.Activation(fn, name=keras_name(layer))(y))

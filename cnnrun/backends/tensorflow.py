@@ -393,14 +393,16 @@ def _identity(layer: CompiledLayer, ctx: BuildContext) -> Op:
 
 def _residual(layer: CompiledLayer, ctx: BuildContext) -> Op:
     body = [ctx.build(child) for child in layer.body]
-    shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
+    shortcut = [ctx.build(child) for child in layer.shortcut]  # empty: the identity
     act = ACTIVATIONS[layer.spec.activation]
 
     def residual(x, training):
-        y = x
+        y, s = x, x
         for op in body:
             y = op(y, training)
-        return act(y + (shortcut(x, training) if shortcut is not None else x))
+        for op in shortcut:
+            s = op(s, training)
+        return act(y + s)
 
     return residual
 

@@ -179,7 +179,7 @@ class Residual(nn.Module):
     def __init__(self, layer: CompiledLayer, ctx: BuildContext):
         super().__init__()
         self.body = nn.Sequential(*[ctx.build(child) for child in layer.body])
-        self.shortcut = ctx.build(layer.shortcut) if layer.shortcut else nn.Identity()
+        self.shortcut = nn.Sequential(*[ctx.build(child) for child in layer.shortcut])  # empty: the identity
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):

@@ -183,7 +183,9 @@ def _residual(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
     y = x
     for child in layer.body:
         y = build_layer(g, child, y)
-    shortcut = build_layer(g, layer.shortcut, x) if layer.shortcut is not None else x
+    shortcut = x  # the identity, unless the block has shortcut layers
+    for child in layer.shortcut:
+        shortcut = build_layer(g, child, shortcut)
     total = g.node("Add", [y, shortcut], f"{layer.name}/add")
     return _activation(g, layer.spec.activation, total, layer.name)
 

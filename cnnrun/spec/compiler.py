@@ -12,9 +12,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnrun.errors import ConfigError, Problem
+from cnnrun.spec.expand import Entry, expand
 from cnnrun.spec.layers import (
-    LAYER_TYPES,
     RESIDUAL_BODY_TYPES,
+    SPEC_TYPES,
     AnyLayer,
     Conv2D,
     Flatten,
@@ -42,7 +43,7 @@ class ModelSpec(BaseModel):
 class CompiledLayer:
     """One layer with everything a backend needs to build it and a summary needs to print it."""
 
-    name: str  # canonical, unique: "conv2d_0", "residual_5/conv2d_1", "residual_5/shortcut"
+    name: str  # canonical, unique: "conv2d_0", "residual_5/conv2d_1", "residual_5/shortcut", "stage2_0/residual_0"
     key: str  # where it came from in the config: "model.layers[5].layers[1]"
     spec: LayerSpec
     in_shape: Shape
@@ -56,7 +57,8 @@ class CompiledLayer:
     # flattened from (channels-last backends permute those tensors' I axis, see cnnrun.layout).
     flattened_from: Optional[Shape] = None
     body: List["CompiledLayer"] = field(default_factory=list)
-    shortcut: Optional["CompiledLayer"] = None
+    # A residual block's shortcut layers, in order; empty for the identity.
+    shortcut: List["CompiledLayer"] = field(default_factory=list)
 
     @property
     def type(self) -> str:
@@ -86,7 +88,7 @@ class CompiledLayer:
         return real_cell_scale(self.in_shape[1:], size, strides, self.pads)
 
     def children(self) -> List["CompiledLayer"]:
-        return self.body + ([self.shortcut] if self.shortcut else [])
+        return self.body + self.shortcut
 
     @property
     def same_padding_symmetric(self) -> bool:
@@ -112,6 +114,11 @@ class CompiledModel:
     @property
     def flops(self) -> int:
         return sum(layer.total_flops for layer in self.layers)
+
+    @property
+    def statistics(self) -> int:
+        """Non-trainable values a checkpoint holds: batchnorm running means and variances."""
+        return sum(_numel(s) for layer in self.walk() for s in layer.states.values())
 
     def walk(self) -> Iterator[CompiledLayer]:
         """Every layer, depth first, residual bodies and shortcuts included."""
@@ -159,15 +166,17 @@ def compile_model(
     try:
         model = ModelSpec.model_validate(spec)
     except ValidationError as err:
-        raise ConfigError(problems_from(err, "model", ModelSpec, LAYER_TYPES), source) from None
+        raise ConfigError(problems_from(err, "model", ModelSpec, SPEC_TYPES), source) from None
 
     problems: List[Problem] = []
-    _check_structure(model.layers, "model.layers", problems, top_level=True)
+    entries = expand(model.layers, "model.layers", "", problems)
+    if not problems:
+        _check_structure(entries, problems, top_level=True)
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(_once(problems), source)
 
     trail = [fmt_shape(input_shape)]
-    layers = _compile_list(model.layers, tuple(input_shape), "model.layers", "", trail, problems)
+    layers = _compile_list(entries, tuple(input_shape), trail, problems)
     if not problems:
         out = layers[-1].out_shape
         if len(out) != 1 or out[0] != num_classes:
@@ -180,48 +189,47 @@ def compile_model(
                 )
             )
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(_once(problems), source)
     resolved = model.model_dump(mode="json", exclude_none=True)
     return CompiledModel(model.name, tuple(input_shape), num_classes, layers, resolved)
 
 
-def _check_structure(layers: Sequence[LayerSpec], key: str, problems: List[Problem], top_level: bool) -> None:
+def _once(problems: List[Problem]) -> List[Problem]:
+    """Each problem once: the repetitions of a repeat share their config keys, and so their problems."""
+    return list(dict.fromkeys(problems))
+
+
+def _check_structure(entries: Sequence[Entry], problems: List[Problem], top_level: bool) -> None:
     """Rules about where a layer may stand, independent of shapes."""
-    for i, layer in enumerate(layers):
-        here = f"{key}[{i}]"
-        if layer.type == "softmax" and (not top_level or i != len(layers) - 1):
-            problems.append(Problem(here, "softmax must be the last layer of the model"))
-        if not top_level and layer.type not in RESIDUAL_BODY_TYPES:
+    for i, entry in enumerate(entries):
+        kind = entry.spec.type
+        if kind == "softmax" and (not top_level or i != len(entries) - 1):
+            problems.append(Problem(entry.key, "softmax must be the last layer of the model"))
+        if not top_level and kind not in RESIDUAL_BODY_TYPES:
             allowed = ", ".join(RESIDUAL_BODY_TYPES)
-            problems.append(Problem(here, f"{layer.type} cannot stand inside a residual block; allowed: {allowed}"))
-        if isinstance(layer, Residual):
-            _check_structure(layer.layers, f"{here}.layers", problems, top_level=False)
-    names = [l.name for l in layers if l.name]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(Problem(key, f"layer name '{dup}' is used more than once"))
+            problems.append(Problem(entry.key, f"{kind} cannot stand inside a residual block; allowed: {allowed}"))
+        for inner in (entry.body, entry.shortcut):
+            if inner:
+                _check_structure(inner, problems, top_level=False)
 
 
 def _compile_list(
-    specs: Sequence[LayerSpec],
-    in_shape: Shape,
-    key: str,
-    prefix: str,
-    trail: List[str],
-    problems: List[Problem],
-) -> List[CompiledLayer]:
+    entries: Sequence[Entry], in_shape: Shape, trail: List[str], problems: List[Problem]
+) -> Optional[List[CompiledLayer]]:
+    """The entries compiled in order from ``in_shape``, or None when one of them is a problem (reported)."""
     compiled: List[CompiledLayer] = []
     shape = in_shape
     flattened_from: Optional[Shape] = None
-    for i, spec in enumerate(specs):
-        here = f"{key}[{i}]"
-        name = prefix + (spec.name or f"{spec.type}_{i}")
+    for entry in entries:
+        spec = entry.spec
         try:
-            layer = _compile_one(spec, shape, here, name, trail, problems)
+            layer = _compile_one(entry, shape, trail, problems)
         except ShapeProblem as err:
-            problems.append(Problem(here, f"({spec.type}) {err}; shapes so far {' -> '.join(trail)}"))
-            return compiled
+            what = f"{spec.type}, {entry.repetition}" if entry.repetition else spec.type
+            problems.append(Problem(entry.key, f"({what}) {err}; shapes so far {' -> '.join(trail)}"))
+            return None
         if layer is None:
-            return compiled
+            return None
         if isinstance(spec, Flatten) and len(shape) == 3:
             flattened_from = shape
         elif flattened_from is not None:
@@ -235,15 +243,14 @@ def _compile_list(
     return compiled
 
 
-def _compile_one(
-    spec: LayerSpec, in_shape: Shape, key: str, name: str, trail: List[str], problems: List[Problem]
-) -> Optional[CompiledLayer]:
+def _compile_one(entry: Entry, in_shape: Shape, trail: List[str], problems: List[Problem]) -> Optional[CompiledLayer]:
+    spec = entry.spec
     out_shape = spec.output_shape(in_shape)
     if any(d <= 0 for d in out_shape):
         raise ShapeProblem(f"output would be {fmt_shape(out_shape)} for an input of {fmt_shape(in_shape)}")
     layer = CompiledLayer(
-        name=name,
-        key=key,
+        name=entry.name,
+        key=entry.key,
         spec=spec,
         in_shape=in_shape,
         out_shape=out_shape,
@@ -256,22 +263,23 @@ def _compile_one(
         ph, pw = (spec.padding, spec.padding) if isinstance(spec.padding, str) else spec.padding
         layer.pads = (pad_amounts(in_shape[1], kh, sh, ph), pad_amounts(in_shape[2], kw, sw, pw))
     if isinstance(spec, Residual):
-        return _compile_residual(layer, spec, trail, problems)
+        return _compile_residual(layer, entry, trail, problems)
     return layer
 
 
 def _compile_residual(
-    layer: CompiledLayer, spec: Residual, trail: List[str], problems: List[Problem]
+    layer: CompiledLayer, entry: Entry, trail: List[str], problems: List[Problem]
 ) -> Optional[CompiledLayer]:
     in_shape = layer.in_shape
     if len(in_shape) != 3:
         raise ShapeProblem("residual needs a C×H×W feature map")
-    inner_trail = list(trail)
-    body = _compile_list(spec.layers, in_shape, f"{layer.key}.layers", f"{layer.name}/", inner_trail, problems)
-    if len(body) != len(spec.layers):
+    body = _compile_list(entry.body, in_shape, list(trail), problems)
+    if body is None:
         return None  # the body reported its own problem
     out_shape = body[-1].out_shape
     layer.body, layer.out_shape, layer.flops = body, out_shape, _numel(out_shape)
+    if entry.shortcut is not None:
+        return _explicit_shortcut(layer, entry, trail, problems)
     if out_shape == in_shape:
         return layer
     # The shortcut projects with a 1×1 conv whose stride is the body's total stride; it must land on the same H×W.
@@ -281,9 +289,32 @@ def _compile_residual(
     if projected != out_shape:
         raise ShapeProblem(
             f"the block maps {fmt_shape(in_shape)} to {fmt_shape(out_shape)}, which a 1×1 stride "
-            f"{stride[0]}×{stride[1]} shortcut cannot match ({fmt_shape(projected)}); use padding: same in the block"
+            f"{stride[0]}×{stride[1]} shortcut cannot match ({fmt_shape(projected)}); use padding: same in the "
+            "block, or give the shortcut's layers (shortcut: [...])"
         )
-    layer.shortcut = _compile_one(projection, in_shape, f"{layer.key}.shortcut", f"{layer.name}/shortcut", trail, problems)
+    auto = Entry(projection, f"{layer.name}/shortcut", f"{layer.key}.shortcut", entry.repetition)
+    layer.shortcut = [_compile_one(auto, in_shape, trail, problems)]
+    return layer
+
+
+def _explicit_shortcut(
+    layer: CompiledLayer, entry: Entry, trail: List[str], problems: List[Problem]
+) -> Optional[CompiledLayer]:
+    """The shortcut's own layers ([] = the identity); their output is added to the body's, so the shapes agree."""
+    shortcut = _compile_list(entry.shortcut, layer.in_shape, list(trail), problems)
+    if shortcut is None:
+        return None
+    got = shortcut[-1].out_shape if shortcut else layer.in_shape
+    if got != layer.out_shape:
+        what = "shortcut: [] is the identity, which gives" if not shortcut else "the shortcut gives"
+        problems.append(Problem(
+            f"{entry.key}.shortcut",
+            f"{what} {fmt_shape(got)} but the block's layers give {fmt_shape(layer.out_shape)}; the two are added, "
+            "so their shapes must be equal" + ("" if shortcut else
+                                                 " (give a projection, e.g. a 1×1 conv with the body's stride)"),
+        ))
+        return None
+    layer.shortcut = shortcut
     return layer
 
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Tupl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnnrun.errors import did_you_mean, one_of
+from cnnrun.spec.patch import index_keyed
 from cnnrun.spec.shapes import empty_window, output_size
 
 Shape = Tuple[int, ...]
@@ -31,7 +32,10 @@ ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "elu", "leaky_relu", "relu6"
 ACTIVATION_ALIASES = {"silu": "swish"}  # other names for the same function: the spec keeps the one above
 LEAKY_RELU_SLOPE = 0.2  # tf.nn.leaky_relu's default; every backend uses this one value
 ELU_ALPHA = 1.0
-LAYER_TYPES: Dict[str, type] = {}  # YAML ``type`` → spec class; filled as the classes below are defined
+# YAML ``type`` → spec class, filled as the classes below are defined: every type a spec may hold (SPEC_TYPES), and
+# the types backends build (LAYER_TYPES: all but those the compiler expands into others, such as repeat).
+SPEC_TYPES: Dict[str, type] = {}
+LAYER_TYPES: Dict[str, type] = {}
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class LayerSpec(BaseModel):
     # Works on each feature alone, so a flattened vector's H·W·C order (channels-last frameworks) passes through
     # it to the next layer's weights.
     keeps_feature_order: ClassVar[bool] = False
+    # Stands for other layers, into which the compiler expands it: backends never see it (repeat).
+    expanded_by_compiler: ClassVar[bool] = False
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -124,7 +130,9 @@ class LayerSpec(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         field = cls.model_fields.get("type")
         if field is not None and isinstance(field.default, str):
-            LAYER_TYPES[field.default] = cls
+            SPEC_TYPES[field.default] = cls
+            if not cls.expanded_by_compiler:
+                LAYER_TYPES[field.default] = cls
 
     def tensor(self, name: str) -> Tensor:
         return self.TENSORS[name]
@@ -480,19 +488,48 @@ class Softmax(LayerSpec):
 
 
 class Residual(LayerSpec):
-    """``activation(body(x) + shortcut(x))``; the shortcut is a 1×1 strided conv when the shape changes."""
+    """``activation(body(x) + shortcut(x))``.
+
+    Without ``shortcut`` the compiler picks it: the identity when the body keeps the shape, else a 1×1 conv (with
+    bias) whose stride is the body's total stride. A list gives the shortcut's layers (ResNet's downsampling: a
+    bias-free 1×1 strided conv and a batchnorm); ``shortcut: []`` is the identity, always.
+    """
 
     type: Literal["residual"] = "residual"
     residual_body = True
-    layers: List["AnyLayer"] = Field(min_length=1)
+    layers: List["AnyLayer"] = Field(min_length=1, description="The block's body.")
+    shortcut: Optional[List["AnyLayer"]] = Field(
+        default=None, description="The shortcut's layers; [] for the identity; absent: chosen by shape."
+    )
     activation: str = "linear"
 
     _check_activation = field_validator("activation", mode="before")(lambda cls, v: _activation(v))
 
 
-# Derived from the classes above (each registered itself in LAYER_TYPES when defined), in definition order.
-AnyLayer = Annotated[Union[tuple(LAYER_TYPES.values())], Field(discriminator="type")]
+class Repeat(LayerSpec):
+    """``layers`` written once and used ``times`` times in a row; the compiler expands it.
+
+    Repetition k of a repeat named N consists of layers named ``N_k/<layer name>``. ``overrides`` changes single
+    repetitions: ``overrides.<k>`` holds changes to repetition k, addressed as below ``layers`` (keys that are
+    indices pick list items, so ``{"0": {stride: 2}}`` sets ``layers[0].stride``; any other value replaces).
+    """
+
+    type: Literal["repeat"] = "repeat"
+    expanded_by_compiler = True
+    residual_body = True  # when its layers may stand there: the compiler checks each expanded layer
+    times: int = Field(ge=1, description="How many copies of layers follow each other.")
+    layers: List["AnyLayer"] = Field(min_length=1, description="The layers of one repetition.")
+    overrides: Dict[int, Any] = Field(
+        default_factory=dict, description="Changes to single repetitions, by repetition index."
+    )
+
+    _check_overrides = field_validator("overrides", mode="before")(lambda cls, v: index_keyed(v, "repetition"))
+
+
+# Derived from the classes above (each registered itself when defined), in definition order.
+AnyLayer = Annotated[Union[tuple(SPEC_TYPES.values())], Field(discriminator="type")]
 Residual.model_rebuild()
+Repeat.model_rebuild()
 
 # Layers allowed inside a residual body: they work on feature maps, so the sum with the shortcut is defined.
-RESIDUAL_BODY_TYPES = tuple(name for name, cls in LAYER_TYPES.items() if cls.residual_body)
+RESIDUAL_BODY_TYPES = tuple(name for name, cls in SPEC_TYPES.items() if cls.residual_body)

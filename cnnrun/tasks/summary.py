@@ -11,4 +11,7 @@ def run(ctx) -> None:
     else:
         from rich.console import Console
 
-        Console().print(summary_table(ctx.compiled))
+        table, console = summary_table(ctx.compiled), Console()
+        if not console.is_terminal:  # a file or pipe has no width: print the table whole, not cut to 80 columns
+            console = Console(width=Console(width=1000).measure(table).maximum)
+        console.print(table)

@@ -198,9 +198,11 @@ def _carry_best(resume_path, checkpoints) -> None:
 
 
 def _loggable(raw):
-    """The config as logged: residual bodies compacted to one JSON param each, so resnets stay a few dozen keys."""
+    """The config as logged: residual and repeat bodies, shortcuts and overrides compacted to one JSON param each,
+    so resnets stay a few dozen keys."""
     data = json.loads(json.dumps(raw, default=str))
     for layer in data.get("model", {}).get("layers", []):
-        if isinstance(layer, dict) and isinstance(layer.get("layers"), list):
-            layer["layers"] = json.dumps(layer["layers"], separators=(",", ":"))
+        for key in ("layers", "shortcut", "overrides"):
+            if isinstance(layer, dict) and isinstance(layer.get(key), (list, dict)):
+                layer[key] = json.dumps(layer[key], separators=(",", ":"))
     return data

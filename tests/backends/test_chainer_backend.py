@@ -150,7 +150,7 @@ def test_weights_round_trip():
         assert back[k].dtype == np.float32
         np.testing.assert_array_equal(back[k], weights[k])
     runner.train_step(random_images(STRESS_INPUT, 8), np.arange(8) % 10)
-    assert not np.array_equal(runner.get_weights()["dense_11/kernel"], back["dense_11/kernel"])  # a copy, not live
+    assert not np.array_equal(runner.get_weights()["dense_12/kernel"], back["dense_12/kernel"])  # a copy, not live
 
 
 @pytest.mark.parametrize("optimizer", [ADAM, SGD], ids=["adam", "sgd"])
@@ -230,7 +230,7 @@ def test_dropout_is_seeded_and_off_at_inference():
     a, b = runner_for(model, seed=2), runner_for(model, seed=2)
     for runner in (a, b):
         runner.train_step(images, labels)
-    np.testing.assert_array_equal(a.get_weights()["dense_11/kernel"], b.get_weights()["dense_11/kernel"])
+    np.testing.assert_array_equal(a.get_weights()["dense_12/kernel"], b.get_weights()["dense_12/kernel"])
     np.testing.assert_array_equal(a.predict_logits(images), a.predict_logits(images))
 
 

@@ -196,6 +196,29 @@ ACTIVATIONS = {
     ],
 }
 
+# Shortcuts written out, inside a repeat: repetition 0's is ResNet's downsampling (a bias-free 1×1 stride-2 conv and
+# a batchnorm); an override gives repetition 1 stride 1 and `shortcut: []`, the identity. Weight names come from the
+# expansion (stage_0/residual_0/shortcut/conv2d_0/kernel, …).
+BLOCKS = {
+    "name": "blocks",
+    "layers": [
+        {"type": "conv2d", "filters": 4, "kernel": 3, "padding": "same", "bias": False},
+        {"type": "repeat", "name": "stage", "times": 2, "layers": [
+            {"type": "residual", "activation": "relu", "layers": [
+                {"type": "conv2d", "filters": 6, "kernel": 3, "stride": 2, "padding": 1, "bias": False},
+                {"type": "batchnorm", "momentum": 0.9},
+                {"type": "activation", "fn": "relu"},
+                {"type": "conv2d", "filters": 6, "kernel": 3, "padding": 1},
+            ], "shortcut": [
+                {"type": "conv2d", "filters": 6, "kernel": 1, "stride": 2, "bias": False},
+                {"type": "batchnorm", "momentum": 0.9},
+            ]},
+        ], "overrides": {"1": {"0": {"layers": {"0": {"stride": 1}}, "shortcut": []}}}},
+        {"type": "global_avgpool"},
+        {"type": "dense", "units": 10},
+    ],
+}
+
 CASES = {
     "classic_cnn": (shipped_model("classic_cnn"), (1, 28, 28)),
     "resnet_lite": (shipped_model("resnet_lite"), (1, 28, 28)),
@@ -205,6 +228,7 @@ CASES = {
     "no_bias": (NO_BIAS, (1, 9, 9)),
     "mobile": (MOBILE, MOBILE_INPUT),  # the newer layer types, options and activations
     "activations": (ACTIVATIONS, (1, 1, 12)),
+    "blocks": (BLOCKS, (3, 11, 11)),
 }
 OPTIMIZERS = {
     "adam": {"name": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-7, "weight_decay": 0.0},

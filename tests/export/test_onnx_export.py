@@ -92,7 +92,7 @@ def test_asymmetric_same_padding_and_padded_average_pooling_are_in_the_cases():
     layers = [layer for case in CASES for layer in _model(case).walk()]
     assert any(layer.type == "conv2d" and not layer.same_padding_symmetric for layer in layers)
     assert any(layer.type == "avgpool" and not layer.same_padding_symmetric for layer in layers)
-    assert any(layer.type == "residual" and layer.shortcut is not None for layer in layers)
+    assert any(layer.type == "residual" and layer.shortcut for layer in layers)
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_silu_is_swish_and_the_new_activations_are_accepted_everywhere():
     assert model.spec["layers"][0]["activation"] == "swish"
     assert [layer.spec.activation for layer in model.layers[1].body[:2]] == ["relu6", "gelu"]
     assert model.layers[1].body[2].spec.fn == "swish"
-    assert model.layers[1].shortcut is None
+    assert model.layers[1].shortcut == []  # the identity
 
 
 def test_a_strided_depthwise_body_gets_a_projection_with_its_stride():
@@ -129,7 +129,7 @@ def test_a_strided_depthwise_body_gets_a_projection_with_its_stride():
             {"type": "depthwise_conv2d", "kernel": 3, "stride": 2, "padding": "same", "depth_multiplier": 2}]},
         *HEAD,
     ])
-    shortcut = model.layers[0].shortcut
+    (shortcut,) = model.layers[0].shortcut
     assert shortcut.spec.stride == (2, 2) and shortcut.out_shape == (8, 5, 5)
 
 
