@@ -88,6 +88,17 @@ class DatasetConfig(_Group):
     test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     augment: AugmentConfig = AugmentConfig()
+    cache: bool = Field(
+        default=True,
+        description="Keep decoded images in a memory-mapped cache file (decode once); false: dataset=folder "
+        "decodes each batch's files when the batch is prepared, for folders too large to cache.",
+    )
+    on_device: Union[Literal["auto"], bool] = Field(
+        default="auto",
+        description="true: every split's images are copied into this process's memory once; false: each batch "
+        "reads its rows from the memory-mapped cache (memory stays flat however large the dataset); auto: as false "
+        "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable).",
+    )
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
