@@ -93,12 +93,20 @@ class DatasetConfig(_Group):
         description="Keep decoded images in a memory-mapped cache file (decode once); false: dataset=folder "
         "decodes each batch's files when the batch is prepared, for folders too large to cache.",
     )
-    on_device: Union[Literal["auto"], bool] = Field(
+    on_device: Literal["auto", True, False] = Field(
         default="auto",
         description="true: every split's images are copied into this process's memory once; false: each batch "
         "reads its rows from the memory-mapped cache (memory stays flat however large the dataset); auto: as false "
         "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable).",
     )
+
+    @field_validator("cache")
+    @classmethod
+    def _only_folders_skip_the_cache(cls, value: bool, info: ValidationInfo) -> bool:
+        # The downloadable datasets are decoded from archives, not files one per image: nothing to decode per batch.
+        if not value and info.data.get("name") != "folder":
+            raise ValueError("dataset.cache=false decodes image files per batch: only dataset=folder has them")
+        return value
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:

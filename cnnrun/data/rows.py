@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-CHUNK_ROWS = 4096  # rows read at once by whole-split passes: a few MB to a few hundred MB of uint8 images
+CHUNK_BYTES = 32 << 20  # read at once by whole-split passes (statistics, digest): a bounded slice of any dataset
 
 
 def release(array) -> None:
@@ -97,8 +97,10 @@ class Rows:
         return np.asarray(self)
 
 
-def chunks(images, rows: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """The images a chunk of ``rows`` at a time, pages released after each: for passes over a whole split."""
+def chunks(images, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """The images about ``max_bytes`` at a time, pages released after each: for passes over a whole split."""
+    row_bytes = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize)
+    rows = max(1, max_bytes // row_bytes)
     for start in range(0, len(images), rows):
         chunk = np.asarray(images[start : start + rows])
         yield chunk
