@@ -193,7 +193,7 @@ class DecodedFiles:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         images, bad = _decode_many(self.files, positions, self.size, self.channels)
         if bad:
-            raise unreadable(bad, f"{len(bad)} image(s) could not be read while training")
+            raise unreadable(bad, f"{len(bad)} image(s) could not be read (decoded as needed: dataset.cache=false)")
         return images
 
 

@@ -200,7 +200,7 @@ def test_an_uncached_folder_is_decoded_per_batch_and_a_corrupt_file_stops_it_by_
     broken.write_bytes(b"not a png at all")
     items, error = _drain(prefetched(training_batches(uncached.train, 2, 0, 0)))
     assert isinstance(error, UserError), error
-    assert str(broken) in str(error) and "could not be read while training" in str(error)
+    assert str(broken) in str(error) and "could not be read (decoded as needed" in str(error)
     assert len(items) < 6  # of 6 batches: stopped at the one that holds it
 
 
