@@ -10,6 +10,7 @@ memory-mapped (read-only): loading costs no RAM, and batches read only their own
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -98,7 +99,13 @@ class MappedWriter:
         directory.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = create_temp(self.final)
         os.close(fd)
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+        try:
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+            _reserve(Path(self.tmp))
+        except BaseException:
+            self.array = None
+            _unlink(Path(self.tmp))
+            raise
 
     def __enter__(self) -> "MappedWriter":
         return self
@@ -117,6 +124,20 @@ class MappedWriter:
             if old.name != self.final.name:
                 _unlink(old)
         return np.load(self.final, mmap_mode="r", allow_pickle=False)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the (sparse) file's blocks now: a full disk is then an OSError here, not a SIGBUS on a write
+    through the map halfway through decoding."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise
+            # a file system without fallocate: writes go through the map as they would anyway
 
 
 def save_arrays(directory: Path, stem: str, key: str, arrays: Dict[str, np.ndarray]) -> bool:

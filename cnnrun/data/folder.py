@@ -24,9 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnrun.data import Dataset, Split, cache, stratified_split, channel_stats
 from cnnrun.data.rows import mapped_rows, release
-from cnnrun.progress import ItemProgress
 from cnnrun.errors import UserError
 from cnnrun.preflight import folder_root_problem
+from cnnrun.progress import ItemProgress
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -157,8 +157,11 @@ def _decoded(root: Path, files: Sequence[Path], key: str, size: Tuple[int, int],
         return cached["images"]
     try:
         writer = cache.MappedWriter(cache_dir, "folder", key, "images", (len(files), *size, channels), np.uint8)
-    except OSError:  # a read-only data home: decode into RAM, as the cache cannot hold it
-        return DecodedFiles(files, size, channels).rows(np.arange(len(files)))
+    except OSError:  # a read-only data home or a full disk: decode into RAM, as the cache cannot hold it
+        images, bad = _decode_many(files, np.arange(len(files)), size, channels)
+        if bad:
+            raise unreadable(bad, f"{len(bad)} image(s) under {root} could not be read")
+        return images
     with writer, ItemProgress(f"decoding images under {root} (once, then cached)", len(files), True) as bar:
         bad: List[str] = []
         for start in range(0, len(files), _DECODE_CHUNK):
