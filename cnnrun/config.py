@@ -97,7 +97,8 @@ class DatasetConfig(_Group):
         default="auto",
         description="true: every split's images are copied into this process's memory once; false: each batch "
         "reads its rows from the memory-mapped cache (memory stays flat however large the dataset); auto: as false "
-        "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable).",
+        "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable). On a GPU too, in host "
+        "memory: images are not held in GPU memory yet.",
     )
 
     @field_validator("cache")
