@@ -89,6 +89,26 @@ class DatasetConfig(_Group):
     test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     augment: AugmentConfig = AugmentConfig()
+    cache: bool = Field(
+        default=True,
+        description="Keep decoded images in a memory-mapped cache file (decode once); false: dataset=folder "
+        "decodes each batch's files when the batch is prepared, for folders too large to cache.",
+    )
+    on_device: Literal["auto", True, False] = Field(
+        default="auto",
+        description="true: every split's images are copied into this process's memory once; false: each batch "
+        "reads its rows from the memory-mapped cache (memory stays flat however large the dataset); auto: as false "
+        "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable). On a GPU too, in host "
+        "memory: images are not held in GPU memory yet.",
+    )
+
+    @field_validator("cache")
+    @classmethod
+    def _only_folders_skip_the_cache(cls, value: bool, info: ValidationInfo) -> bool:
+        # The downloadable datasets are decoded from archives, not files one per image: nothing to decode per batch.
+        if not value and info.data.get("name") != "folder":
+            raise ValueError("dataset.cache=false decodes image files per batch: only dataset=folder has them")
+        return value
 
     _square = field_validator("image_size", mode="before")(lambda cls, v: _pair(v, "image_size", 1))
 

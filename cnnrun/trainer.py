@@ -20,11 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.augment import augment_batch, mix_batch, mixes
-from cnnrun.data.pipeline import epoch_order, iterate_batches, num_batches
+from cnnrun.data.pipeline import iterate_batches, num_batches, prefetched, training_batches
 from cnnrun.distributed.collective import LOCAL, any_rank
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
@@ -106,7 +104,7 @@ class StopSignal:
 
 def evaluate(runner, split: Split, batch_size: int):
     """(loss, accuracy, predictions) of the runner in inference mode over a whole split."""
-    batches = ((runner.predict_logits(x), y) for x, y in iterate_batches(split, batch_size))
+    batches = ((runner.predict_logits(x), y) for x, y in prefetched(iterate_batches(split, batch_size)))
     return summarise(batches)
 
 
@@ -152,20 +150,13 @@ class Trainer:
         cfg, train = self.cfg, self.dataset.train
         epoch = state.epoch
         steps = num_batches(len(train), cfg.batch_size)
-        order = epoch_order(len(train), cfg.seed, epoch)
-        use_augment = augment is not None and augment.any
-        use_mix = use_augment and mixes(augment)
         self.view.start_epoch(epoch, steps, state.batch)
         started = time.perf_counter()
         since_sync = 0
         stopping = False
-        for images, labels in iterate_batches(train, cfg.batch_size, order, start_batch=state.batch):
-            mix = None
-            if use_augment:  # seeded per batch, so a run resumed mid-epoch augments exactly as it would have
-                rng = np.random.default_rng([cfg.seed, epoch, state.batch, 1])
-                images = augment_batch(images, augment, rng)
-                if use_mix:
-                    images, mix = mix_batch(images, labels, augment, rng)
+        # gathered and augmented on a background thread, in order, seeded per batch (exact on resume)
+        batches = prefetched(training_batches(train, cfg.batch_size, cfg.seed, epoch, augment, state.batch))
+        for images, labels, mix in batches:
             if self.learning_rate is not None:
                 self._set_rate(epoch, state.batch, steps, state)
             self.runner.train_step(images, labels, mix)

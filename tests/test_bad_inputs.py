@@ -71,6 +71,8 @@ CASES = [
     ("optimizer-negative-lr", ["optimizer.lr=-1"], ["optimizer.lr"]),
     ("optimizer-unknown", ["optimizer.name=adamx"], ["optimizer.name", "'adamw'"]),
     ("dataset-fraction", ["dataset.val_fraction=1.5"], ["dataset.val_fraction"]),
+    ("dataset-cache-off-without-files", ["dataset.cache=false"], ["dataset.cache", "only dataset=folder"]),
+    ("dataset-on-device-unknown", ["dataset.on_device=gpu"], ["dataset.on_device: expected 'auto', True or False"]),
     ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
     ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
     ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),

@@ -313,8 +313,14 @@ class TorchRunner:
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._count = 0
 
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        source = torch.from_numpy(array)
+        if self.device.type == "cuda":  # page-locked: the copy is then an asynchronous DMA, not a staged one
+            source = source.pin_memory()
+        return source.to(self.device, non_blocking=True)
+
     def _inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        x = self._to_device(images)
         # (N, H, W, C) uint8 viewed as NCHW: the permuted view is already channels_last in memory.
         x = x.permute(0, 3, 1, 2).float()
         x = (x - self.mean) * self.inv_std
@@ -323,7 +329,7 @@ class TorchRunner:
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         self.net.train()
         x = self._inputs(images)
-        y = torch.from_numpy(labels).to(self.device, non_blocking=True)
+        y = self._to_device(labels)
         logits = self.forward(x)
         loss = cross_entropy(logits, y, self.label_smoothing, mix)
         self.optimizer.zero_grad(set_to_none=True)

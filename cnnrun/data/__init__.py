@@ -1,19 +1,22 @@
-"""Datasets as uint8 arrays in memory, split into train/val/test.
+"""Datasets as uint8 arrays, split into train/val/test.
 
 Every dataset module exposes ``load(cfg: DatasetConfig) -> Dataset``; ``DATASETS`` maps the ``dataset.name``
 of a config to that module, imported only when used. Images are (N, H, W, C) uint8, labels (N,) int64;
-normalisation happens per batch on the device, with the train split's per-channel mean and std.
+normalisation happens per batch on the device, with the train split's per-channel mean and std. A split's
+images are an in-memory array or a :class:`~cnnrun.data.rows.Rows` view of a memory-mapped cache (or of files
+decoded on demand) that reads only the rows a batch asks for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
+from cnnrun.data.rows import chunks
 from cnnrun.errors import UserError, did_you_mean, one_of
 
 DATASETS: Dict[str, str] = {
@@ -27,7 +30,7 @@ DATASETS: Dict[str, str] = {
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (N, H, W, C) uint8
+    images: np.ndarray  # (N, H, W, C) uint8: an array, or a Rows view that reads rows on demand
     labels: np.ndarray  # (N,) int64
 
     def __post_init__(self) -> None:
@@ -53,6 +56,9 @@ class Dataset:
     # True when the test split is carved from the same images as train and val (by SPLIT_KEYS), so a different
     # split would test on training images; False when it is files of its own (an official test set, test/).
     test_is_carved: bool = False
+    # When set, what digest() returns instead of hashing every image (images decoded on demand: their files'
+    # names, sizes and modification times, rather than a whole extra decoding pass).
+    content_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.mean:
@@ -72,9 +78,12 @@ class Dataset:
 
     def digest(self) -> str:
         """A short content hash of all splits, for MLflow's dataset tracking and reproducibility."""
+        if self.content_key:
+            return self.content_key
         h = hashlib.sha256()
         for split in (self.train, self.val, self.test):
-            h.update(np.ascontiguousarray(split.images).data)
+            for chunk in chunks(split.images):
+                h.update(np.ascontiguousarray(chunk).data)
             h.update(np.ascontiguousarray(split.labels).data)
         return h.hexdigest()[:16]
 
@@ -126,7 +135,16 @@ def load_dataset(cfg) -> Dataset:
         raise UserError(
             f"dataset.num_classes is {cfg.num_classes} but {cfg.name} has {dataset.num_classes} classes"
         )
-    return dataset
+    # getattr: tests and benchmarks load with a namespace of just the split keys; holding in RAM is opt-in
+    return in_memory(dataset) if getattr(cfg, "on_device", False) is True else dataset
+
+
+def in_memory(dataset: Dataset) -> Dataset:
+    """The dataset with every split's images read into this process's memory once (``dataset.on_device=true``
+    on the CPU): no reads from the map per batch, at the cost of RAM the size of the dataset."""
+    splits = {name: getattr(dataset, name) for name in ("train", "val", "test")}
+    held = {name: Split(np.asarray(split.images), split.labels) for name, split in splits.items()}
+    return replace(dataset, **held)
 
 
 def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -135,12 +153,13 @@ def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, .
     channel has only 256 values, so np.bincount gives the sums.
     """
     c = images.shape[-1]
-    flat = images.reshape(-1, c)
     counts = np.zeros((c, 256), np.int64)
-    for start in range(0, len(flat), 1 << 20):
-        chunk = flat[start : start + (1 << 20)]
-        for k in range(c):
-            counts[k] += np.bincount(chunk[:, k], minlength=256)
+    for rows in chunks(images):  # a memory-mapped split is read a chunk at a time, never whole into RAM
+        flat = rows.reshape(-1, c)
+        for start in range(0, len(flat), 1 << 20):
+            chunk = flat[start : start + (1 << 20)]
+            for k in range(c):
+                counts[k] += np.bincount(chunk[:, k], minlength=256)
     values = np.arange(256, dtype=np.float64)
     count = np.maximum(counts.sum(1), 1)
     mean = counts @ values / count

@@ -3,11 +3,14 @@
 Raw files (downloads) go to ``dataset.root`` when it is set, else ``$CNNRUN_DATA_DIR/<name>``, else
 ``$XDG_CACHE_HOME/cnnrun/datasets/<name>`` (``~/.cache/cnnrun/datasets/<name>``). Decoded arrays are saved as
 ``.npy`` files whose names carry a key made from the raw files' names, sizes and modification times, so a
-changed raw file simply misses the cache; nothing ever has to be invalidated by hand.
+changed raw file simply misses the cache; nothing ever has to be invalidated by hand. Cached arrays are opened
+memory-mapped (read-only): loading costs no RAM, and batches read only their own rows (see
+:mod:`cnnrun.data.rows`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -76,10 +79,65 @@ def load_arrays(directory: Path, stem: str, key: str, names: Sequence[str]) -> O
     arrays = {}
     for name in names:
         try:
-            arrays[name] = np.load(_array_path(directory, stem, key, name), mmap_mode=None, allow_pickle=False)
+            arrays[name] = np.load(_array_path(directory, stem, key, name), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
     return arrays
+
+
+class MappedWriter:
+    """A new ``.npy`` array of ``shape`` filled in place through a memory map, then committed under ``key``.
+
+    For decoding more images than fit in RAM: rows are written into the map (and released from this process),
+    and :meth:`commit` renames the finished file into the cache. Use it as a context manager: an exception
+    before the commit removes the half-written file.
+    """
+
+    def __init__(self, directory: Path, stem: str, key: str, name: str, shape: Tuple[int, ...], dtype) -> None:
+        self.directory, self.stem, self.key = directory, stem, key
+        self.final = _array_path(directory, stem, key, name)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = create_temp(self.final)
+        os.close(fd)
+        try:
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+            _reserve(Path(self.tmp))
+        except BaseException:
+            self.array = None
+            _unlink(Path(self.tmp))
+            raise
+
+    def __enter__(self) -> "MappedWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.array = None
+            _unlink(Path(self.tmp))
+
+    def commit(self) -> np.ndarray:
+        """Flush, rename into the cache, drop this stem's arrays under other keys; the array, re-opened read-only."""
+        self.array.flush()
+        self.array = None
+        os.replace(self.tmp, self.final)
+        for old in self.directory.glob(f"{self.stem}-*.npy"):
+            if old.name != self.final.name:
+                _unlink(old)
+        return np.load(self.final, mmap_mode="r", allow_pickle=False)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the (sparse) file's blocks now: a full disk is then an OSError here, not a SIGBUS on a write
+    through the map halfway through decoding."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise
+            # a file system without fallocate: writes go through the map as they would anyway
 
 
 def save_arrays(directory: Path, stem: str, key: str, arrays: Dict[str, np.ndarray]) -> bool:

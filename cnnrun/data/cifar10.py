@@ -21,6 +21,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from cnnrun.data import Dataset, Split, cache, stratified_split, channel_stats
+from cnnrun.data.rows import mapped_rows
 from cnnrun.data.download import Checksum, RemoteFile, ensure_files
 from cnnrun.errors import UserError
 
@@ -104,15 +105,15 @@ def load(cfg) -> Dataset:
         arrays = decode_archive(archive)
         key = cache.cache_key(cache.file_entries([archive]), ARCHIVE.checksum.hexdigest)
         cache.save_arrays(data_dir, "cifar10", key, arrays)
-    train_labels = arrays["train_labels"]
+    train_labels = np.array(arrays["train_labels"])
     train, val = stratified_split(train_labels, (cfg.val_fraction,), cfg.split_seed)
-    train_images = arrays["train_images"][train]
+    train_images = mapped_rows(arrays["train_images"], train)
     mean, std = channel_stats(train_images)
     return Dataset(
         name="cifar10",
         train=Split(train_images, train_labels[train]),
-        val=Split(arrays["train_images"][val], train_labels[val]),
-        test=Split(arrays["test_images"], arrays["test_labels"]),
+        val=Split(mapped_rows(arrays["train_images"], val), train_labels[val]),
+        test=Split(mapped_rows(arrays["test_images"]), np.array(arrays["test_labels"])),
         class_names=tuple(str(c) for c in arrays["class_names"]),
         source=source,
         mean=mean,

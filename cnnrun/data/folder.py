@@ -4,12 +4,16 @@
 with ``split_seed``), or ``train/`` (and optionally ``val/``, ``test/``) folders that each hold the class
 folders; a missing val/ or test/ is carved out of train/. Every image is converted to grayscale or RGB
 (``dataset.channels`` 1 or 3) and resized to ``dataset.image_size``; class names are the sorted folder names.
-Decoded arrays are cached under the data home, keyed by every file's path, size and mtime and the target size.
+Decoded arrays are cached under the data home, keyed by every file's path, size and mtime and the target size,
+and read memory-mapped. With ``dataset.cache=false`` nothing is cached: each batch's files are decoded when the
+batch is prepared (by a thread pool, ahead of the training step), and only the train split's channel statistics
+are kept (a small JSON file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +23,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnrun.data import Dataset, Split, cache, stratified_split, channel_stats
+from cnnrun.data.rows import mapped_rows, release
 from cnnrun.errors import UserError
 from cnnrun.preflight import folder_root_problem
+from cnnrun.progress import ItemProgress
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -40,23 +46,29 @@ def load(cfg) -> Dataset:
     if cfg.channels not in (1, 3):
         raise UserError(f"dataset.channels={cfg.channels}: dataset=folder makes grayscale (1) or RGB (3) images")
     class_names, files, labels, parts = scan(root)
-    images = _decoded(root, files, parts, class_names, tuple(cfg.image_size), cfg.channels)
+    size = tuple(cfg.image_size)
+    key = cache.cache_key(cache.file_entries(files, base=root), size, cfg.channels, class_names, parts.tolist())
+    if cfg.cache:
+        images = _decoded(root, files, key, size, cfg.channels)
+    else:
+        images = DecodedFiles(files, size, cfg.channels)
     present = {SPLITS[p] for p in np.unique(parts) if p != _UNSPLIT}
     train, val, test = split_indices(labels, parts, present, cfg)
     if len(train) == 0:
         raise UserError(f"{root}: no images left for training after the split; add images or lower the fractions")
-    train_images = images[train]
-    mean, std = channel_stats(train_images)
+    train_images = mapped_rows(images, train)
+    mean, std = channel_stats(train_images) if cfg.cache else _uncached_stats(root, train_images, key, train)
     return Dataset(
         name="folder",
         train=Split(train_images, labels[train]),
-        val=Split(images[val], labels[val]),
-        test=Split(images[test], labels[test]),
+        val=Split(mapped_rows(images, val), labels[val]),
+        test=Split(mapped_rows(images, test), labels[test]),
         class_names=class_names,
         source=str(root),
         mean=mean,
         std=std,
         test_is_carved="test" not in present,
+        content_key="" if cfg.cache else key,
     )
 
 
@@ -132,42 +144,109 @@ def image_files(directory: Path) -> List[Path]:
     return found
 
 
-def _decoded(
-    root: Path,
-    files: Sequence[Path],
-    parts: np.ndarray,
-    class_names: Tuple[str, ...],
-    size: Tuple[int, int],
-    channels: int,
-) -> np.ndarray:
-    """All images as (N, H, W, C) uint8, from the cache when no file changed, else decoded in threads."""
-    cache_dir = cache.data_home() / "folder" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    key = cache.cache_key(cache.file_entries(files, base=root), size, channels, class_names, parts.tolist())
+def _cache_dir(root: Path) -> Path:
+    return cache.data_home() / "folder" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+
+
+def _decoded(root: Path, files: Sequence[Path], key: str, size: Tuple[int, int], channels: int) -> np.ndarray:
+    """All images as a read-only (N, H, W, C) uint8 memory map: the cache when no file changed, else decoded
+    in threads straight into a new cache file (never the whole dataset in RAM), with a progress bar."""
+    cache_dir = _cache_dir(root)
     cached = cache.load_arrays(cache_dir, "folder", key, _ARRAYS)
     if cached is not None and len(cached["images"]) == len(files):
         return cached["images"]
-    images = np.empty((len(files), size[0], size[1], channels), np.uint8)
+    try:
+        writer = cache.MappedWriter(cache_dir, "folder", key, "images", (len(files), *size, channels), np.uint8)
+    except OSError:  # a read-only data home or a full disk: decode into RAM, as the cache cannot hold it
+        images, bad = _decode_many(files, np.arange(len(files)), size, channels)
+        if bad:
+            raise unreadable(bad, f"{len(bad)} image(s) under {root} could not be read")
+        return images
+    with writer, ItemProgress(f"decoding images under {root} (once, then cached)", len(files), True) as bar:
+        bad: List[str] = []
+        for start in range(0, len(files), _DECODE_CHUNK):
+            positions = np.arange(start, min(start + _DECODE_CHUNK, len(files)))
+            images, failed = _decode_many(files, positions, size, channels)
+            writer.array[start : start + len(positions)] = images
+            release(writer.array)
+            bad += failed
+            bar.advance(len(positions))
+        if bad:
+            raise unreadable(bad, f"{len(bad)} image(s) under {root} could not be read")
+        return writer.commit()
+
+
+class DecodedFiles:
+    """Image files decoded when a batch asks for them (``dataset.cache=false``): a row source for
+    :class:`~cnnrun.data.rows.Rows`, decoding in a thread pool (Pillow releases the GIL while decoding).
+
+    An unreadable file is fatal: training stops with a :class:`UserError` that names it (the last epoch's
+    checkpoint is kept), rather than quietly train on a different set of images than the seed and the split
+    say. Fix or delete the file and resume.
+    """
+
+    def __init__(self, files: Sequence[Path], size: Tuple[int, int], channels: int):
+        self.files, self.size, self.channels = list(files), tuple(size), channels
+        self.shape = (len(self.files), *self.size, channels)
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        images, bad = _decode_many(self.files, positions, self.size, self.channels)
+        if bad:
+            raise unreadable(bad, f"{len(bad)} image(s) could not be read (decoded as needed: dataset.cache=false)")
+        return images
+
+
+def _decode_many(files, positions, size, channels) -> Tuple[np.ndarray, List[str]]:
+    """(images, ["<file>: why", ...] for the ones that failed, their rows left zero)."""
+    images = np.zeros((len(positions), *size, channels), np.uint8)
 
     def decode(i: int) -> Optional[str]:
-        image, why = read_image(files[i], size, channels)
+        image, why = read_image(files[positions[i]], size, channels)
         if image is None:
-            return f"{files[i]}: {why}"
+            return f"{files[positions[i]]}: {why}"
         images[i] = image
         return None
 
-    # Pillow releases the GIL while decoding, so threads give a real speed-up on many small files
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        bad = [why for why in pool.map(decode, range(len(files))) if why]
-    if bad:
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise UserError(
-            f"{len(bad)} image(s) under {root} could not be read:\n  "
-            + "\n  ".join(bad[:MAX_LISTED])
-            + more
-            + "\nfix: replace or delete them"
-        )
-    cache.save_arrays(cache_dir, "folder", key, {"images": images})
-    return images
+    bad = [why for why in _pool().map(decode, range(len(positions))) if why]
+    return images, bad
+
+
+_DECODE_CHUNK = 1024  # images decoded, written and released at a time when filling the cache
+_POOL: List[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One decoding pool per process, made on first use (its threads idle between batches)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode"))
+    return _POOL[0]
+
+
+def unreadable(bad: List[str], headline: str) -> UserError:
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    return UserError(f"{headline}:\n  " + "\n  ".join(bad[:MAX_LISTED]) + more + "\nfix: replace or delete them")
+
+
+def _uncached_stats(root: Path, train_images, key: str, train: np.ndarray):
+    """The train split's channel statistics without a cache of images: one decoding pass, its result kept in a
+    small JSON file keyed like the cache (and by the split), so later runs start at once."""
+    path = _cache_dir(root) / f"stats-{cache.cache_key([key], train.tolist())}.json"
+    try:
+        stored = json.loads(path.read_text())
+        return tuple(stored["mean"]), tuple(stored["std"])
+    except (OSError, ValueError, KeyError):
+        pass
+    mean, std = channel_stats(train_images)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"mean": mean, "std": std}))
+    except OSError:
+        pass  # not writable: computed again next time
+    return mean, std
 
 
 def read_image(path: Path, size: Tuple[int, int], channels: int) -> Tuple[Optional[np.ndarray], str]:

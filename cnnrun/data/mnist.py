@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cnnrun.data import Dataset, Split, cache, stratified_split, channel_stats
+from cnnrun.data.rows import mapped_rows
 from cnnrun.data.download import Checksum, RemoteFile, ensure_files, no_data_error
 from cnnrun.data.idx import IdxError, read_idx
 from cnnrun.errors import UserError
@@ -84,15 +85,15 @@ def load_idx_dataset(cfg, spec: IdxDataset) -> Dataset:
             f"(got channels={cfg.channels}, image_size={list(cfg.image_size)})"
         )
     arrays, source = _arrays(cfg, spec)
-    train_labels = arrays["train_labels"]
+    train_labels = np.array(arrays["train_labels"])
     train, val = stratified_split(train_labels, (cfg.val_fraction,), cfg.split_seed)
-    train_images = arrays["train_images"][train]
+    train_images = mapped_rows(arrays["train_images"], train)
     mean, std = channel_stats(train_images)
     return Dataset(
         name=spec.name,
         train=Split(train_images, train_labels[train]),
-        val=Split(arrays["train_images"][val], train_labels[val]),
-        test=Split(arrays["test_images"], arrays["test_labels"]),
+        val=Split(mapped_rows(arrays["train_images"], val), train_labels[val]),
+        test=Split(mapped_rows(arrays["test_images"]), np.array(arrays["test_labels"])),
         class_names=spec.class_names,
         source=source,
         mean=mean,
