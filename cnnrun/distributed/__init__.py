@@ -19,7 +19,7 @@ What every rank does
     records ``world_size``. Checkpoints hold the one model (ranks keep identical weights and optimizer state), so a
     run written by N ranks resumes on M.
 
-What an engine provides (one module per framework, listed in :data:`ENGINES`; imported only when used)
+What an engine provides (one module per framework, listed by :func:`engines`; imported only when used)
     ``launch(nprocs: int, args: Sequence[str]) -> None``
         Start ``nprocs`` local workers running ``python -m cnnrun *args``, each with environment variables that
         :func:`detect_world` reads, and wait for them. Raise :class:`WorkersFailed` when one fails (after stopping
@@ -40,13 +40,16 @@ What an engine provides (one module per framework, listed in :data:`ENGINES`; im
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
-from cnnrun.backends import BACKENDS, Parallel
 from cnnrun.distributed.world import SINGLE, World, detect_world
 from cnnrun.errors import Problem, UserError
+
+if TYPE_CHECKING:
+    from cnnrun.backends import Parallel
 
 # The collective operations' time limit: a rank that stops answering (hung, or gone without closing its
 # connections) makes the others fail after this long instead of waiting forever. A rank that crashes closes its
@@ -55,9 +58,13 @@ COLLECTIVE_TIMEOUT_S = 300
 
 
 
-def _engines() -> Dict[str, Parallel]:
+@functools.lru_cache(maxsize=None)
+def engines() -> Dict[str, "Parallel"]:
     """Engine key (see engine_key) → how it trains on several processes, from each framework's BackendInfo: Keras
-    on the engine of its backend's framework."""
+    on the engine of its backend's framework. (Built on first use: the CLI imports this package at start-up, before
+    it knows whether it trains, and the registry costs pydantic's import.)"""
+    from cnnrun.backends import BACKENDS
+
     table = {}
     for name, info in BACKENDS.items():
         for options in info.engines:
@@ -81,9 +88,6 @@ def engine_key(framework: str, options: Mapping[str, Any]) -> str:
     return framework
 
 
-ENGINES: Dict[str, Parallel] = _engines()
-
-
 def describe(key: str) -> str:
     """An engine key in the config's words: 'keras:torch' → 'framework=keras with framework.backend=torch'."""
     name, _, backend = key.partition(":")
@@ -91,7 +95,7 @@ def describe(key: str) -> str:
 
 
 def supported() -> str:
-    return ", ".join(describe(key) for key in ENGINES)
+    return ", ".join(describe(key) for key in engines())
 
 
 def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
@@ -109,11 +113,11 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
     if devices == 1 and not world.started:
         return []
     key = engine_key(name, {k: v for k, v in framework.items() if k != "name"})
-    if key not in ENGINES:
+    if key not in engines():
         what = f"trainer.devices={devices}" if devices > 1 else f"this process was started by {world.source}"
         return [Problem("trainer.devices", f"{describe(key)} cannot train on several "
                                            f"processes here ({what}); these can: {supported()}")]
-    engine = ENGINES[key]
+    engine = engines()[key]
     if world.started and world.source != engine.joins:
         return [Problem("trainer.devices", f"{describe(key)} joins worlds started by {engine.joins} (or "
                                            f"trainer.devices); this process was started by {world.source}")]
@@ -129,7 +133,7 @@ def devices_problems(raw: Dict[str, Any]) -> List[Problem]:
 
 
 def load_engine(key: str):
-    return importlib.import_module(ENGINES[key].module)
+    return importlib.import_module(engines()[key].module)
 
 
 def rank_device(device, world: World):
@@ -146,5 +150,5 @@ def rank_device(device, world: World):
     return device.model_copy(update=update)
 
 
-__all__ = ["COLLECTIVE_TIMEOUT_S", "ENGINES", "SINGLE", "World", "WorkersFailed", "detect_world",
+__all__ = ["COLLECTIVE_TIMEOUT_S", "engines", "SINGLE", "World", "WorkersFailed", "detect_world",
            "devices_problems", "engine_key", "load_engine", "rank_device"]

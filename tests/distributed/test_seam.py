@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnrun.config import DeviceConfig
-from cnnrun.distributed import ENGINES, devices_problems, engine_key, rank_device
+from cnnrun.distributed import devices_problems, engine_key, engines, rank_device
 from cnnrun.distributed.launch import LAUNCHER_PID, rank_hydra_args, worker_args
 from cnnrun.distributed.session import check_batches
 from cnnrun.distributed.shard import loss_weight, shard_bounds, shard_sizes, take_shard
@@ -87,7 +87,7 @@ def test_devices_are_refused_for_frameworks_without_an_engine_and_the_message_li
     for framework in ({"name": "torch"}, {"name": "tensorflow"}, {"name": "chainer"},
                       {"name": "keras", "backend": "torch"}, {"name": "keras", "backend": "tensorflow"}):
         assert devices_problems({**_raw(devices=2), "framework": framework}) == [], framework
-    monkeypatch.delitem(ENGINES, "keras:tensorflow")
+    monkeypatch.delitem(engines(), "keras:tensorflow")
     keras_tf = {**_raw(devices=2), "framework": {"name": "keras", "backend": "tensorflow"}}
     (problem,) = devices_problems(keras_tf)
     assert problem.key == "trainer.devices"
@@ -100,9 +100,9 @@ def test_devices_are_refused_for_frameworks_without_an_engine_and_the_message_li
 def test_every_engine_has_cases_in_the_equivalence_worker():
     from tests.distributed.trainer_worker import CASES
 
-    assert {parallel.module.rsplit(".", 1)[1] for parallel in ENGINES.values()} == set(CASES)
+    assert {parallel.module.rsplit(".", 1)[1] for parallel in engines().values()} == set(CASES)
     tested = {engine_key(framework, options) for cases in CASES.values() for _, framework, options, _, _ in cases}
-    assert tested == set(ENGINES)
+    assert tested == set(engines())
 
 
 def test_chainer_refuses_synchronised_batchnorm_and_says_why():
