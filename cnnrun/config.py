@@ -136,6 +136,9 @@ class TrainerConfig(_Group):
     resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
     progress: bool = True
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Compute in float32, or bfloat16/float16 with float32 weights (cnnrun.precision)."
+    )
 
 
 class TrackingConfig(_Group):

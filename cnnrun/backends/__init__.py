@@ -166,10 +166,23 @@ def not_installed(name: str, package: str) -> str:
 
 
 def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std,
-                  label_smoothing: float = 0.0) -> Runner:
-    """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use."""
+                  label_smoothing: float = 0.0, precision: str = "fp32") -> Runner:
+    """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use.
+
+    ``precision`` (``trainer.precision``, see :mod:`cnnrun.precision`) sets what the train step and inference
+    compute in; weights, optimizer state and checkpoints stay float32.
+    """
     return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std,
-                                            label_smoothing=label_smoothing)
+                                            label_smoothing=label_smoothing, precision=precision)
+
+
+def check_precision(framework: str, device_kind: str, precision: str) -> None:
+    """A UserError when ``framework`` cannot compute in ``precision`` on the device it resolved."""
+    from cnnrun.precision import precision_problem
+
+    message = precision_problem(framework, device_kind, precision)
+    if message:
+        raise UserError(f"trainer.precision: {message}")
 
 
 def framework_version(name: str) -> str:

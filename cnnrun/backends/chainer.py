@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import check_precision, mean_metrics
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -37,6 +37,7 @@ import chainer.functions as F  # noqa: E402  (after the environment fix above)
 import chainer.links as L  # noqa: E402
 
 from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
+from cnnrun.backends.chainer_precision import Mixed16  # noqa: E402
 
 LAYOUT = CHANNELS_FIRST
 NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
@@ -143,7 +144,7 @@ class AvgPool(chainer.Link):
         if self.pad_width is not None:
             x = F.pad(x, self.pad_width, "constant")
         y = F.average_pooling_2d(x, self.size, self.stride, pad=self.pad)
-        return y if self.scale is None else y * F.broadcast_to(self.scale, y.shape)
+        return y if self.scale is None else y * F.broadcast_to(self.scale.astype(y.dtype, copy=False), y.shape)
 
 
 def _real_cell_scale(layer: CompiledLayer) -> np.ndarray:
@@ -198,8 +199,8 @@ class Dropout(chainer.Link):
         if not chainer.config.train or self.rate == 0.0:
             return x
         keep = self.noise.uniform(x.shape, chainer.backend.get_array_module(x)) >= self.rate
-        mask = keep.astype(np.float32)
-        mask *= np.float32(1.0 / (1.0 - self.rate))
+        mask = keep.astype(x.dtype)  # float16 under mixed16
+        mask *= x.dtype.type(1.0 / (1.0 - self.rate))
         return F.dropout(x, self.rate, mask=mask)
 
 
@@ -350,16 +351,19 @@ class ChainerRunner:
     """The Runner protocol (see cnnrun.backends) for Chainer, on NumPy or CuPy arrays."""
 
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         from cnnrun.spec.init import initial_weights
 
         global _CUPY_VERSION
         self.model = model
         self.device = resolve_device(device)
         self.xp = self.device.xp
+        check_precision("chainer", "cpu" if self.xp is np else "cuda", precision)
+        self.precision = Mixed16(precision == "fp16")
         self._threads = limit_cpu_threads(device.threads) if self.xp is np else None
         self.noise = Noise(seed)
-        self.net = Network(model, self.noise)
+        with self.precision.build_scope():
+            self.net = Network(model, self.noise)
         if self.xp is not np:
             self.device.use()
             self.net.to_device(self.device)
@@ -369,6 +373,7 @@ class ChainerRunner:
         self.mean = self.xp.asarray(np.asarray(mean, np.float32).reshape(shape))
         self.inv_std = self.xp.asarray((1.0 / np.asarray(std, np.float32)).reshape(shape))
         self.optimizer = TorchLikeOptimizer(optimizer).setup(self.net)
+        self.precision.setup(self.optimizer)
         self.clip_norm = optimizer.clip_norm
         self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
@@ -400,21 +405,19 @@ class ChainerRunner:
         x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         x -= self.mean
         x *= self.inv_std
-        return x
+        return self.precision.inputs(x)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         x = self._inputs(images)
         t = self.xp.asarray(labels.astype(np.int32, copy=False))
         with self._config(train=True):
-            logits = self.net(x)
+            logits = self.precision.logits(self.net(x))
             loss = cross_entropy(logits, t, self.label_smoothing)
             if mix is not None:
                 partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
                 loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
-            loss.backward()
-            if self.clip_norm:
-                self.optimizer.clip_gradients(self.clip_norm)
+            self.precision.backward(loss, self.optimizer, self.clip_norm)
             self.optimizer.update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
@@ -441,18 +444,27 @@ class ChainerRunner:
     def get_weights(self) -> Dict[str, np.ndarray]:
         cpu = chainer.backend.CpuDevice()
         # Copies (np.array): on the CPU the live arrays would otherwise change under the caller as training goes on.
-        native = {name: np.array(cpu.send(self.net.array(name))) for name in self.net.tensors}
+        native = {name: np.array(cpu.send(self._array(name)), np.float32) for name in self.net.tensors}
         return to_canonical(self.model, native, LAYOUT)
+
+    def _array(self, name: str):
+        """A tensor's float32 values: the optimizer's master copy of a mixed16 parameter, else the array."""
+        master = Mixed16.master(self.net.param(name))
+        return self.net.array(name) if master is None else master.array
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
         native = from_canonical(self.model, weights, LAYOUT)
         for name in self.net.tensors:
             target = self.net.array(name)
             target[...] = self.xp.asarray(native[name]).reshape(target.shape)  # in place: optimizer keeps its refs
+            master = Mixed16.master(self.net.param(name))
+            if master is not None:
+                master.array[...] = self.xp.asarray(native[name]).reshape(target.shape)  # what the update reads
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the dropout generator's draw counter."""
-        state: Dict[str, np.ndarray] = {NOISE_STATE: np.asarray([self.noise.draws], np.int64)}
+        state: Dict[str, np.ndarray] = {NOISE_STATE: np.asarray([self.noise.draws], np.int64),
+                                        **self.precision.state(self.optimizer)}
         for name in self.net.tensors:
             param = self.net.param(name)
             if param is not None and param.update_rule is not None:
@@ -463,6 +475,7 @@ class ChainerRunner:
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         if NOISE_STATE in state:
             self.noise.draws = int(state[NOISE_STATE][0])
+        self.precision.set_state(self.optimizer, state)
         for name in self.net.tensors:
             param = self.net.param(name)
             slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
@@ -480,6 +493,7 @@ def cross_entropy(logits, labels, label_smoothing: float):
     return F.mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> ChainerRunner:
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32") -> ChainerRunner:
     """Build ``model`` in Chainer on ``device`` with cnnrun's initial weights and the torch-equivalent optimizer."""
-    return ChainerRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+    return ChainerRunner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)

@@ -82,6 +82,10 @@ def _import_tensorflow():
 
 tf, GPUS = _import_tensorflow()
 
+from cnnrun.backends.tensorflow_precision import (  # noqa: E402  (needs TensorFlow loaded as above)
+    COMPUTE_DTYPES, LossScale, in_float32, reads_in,
+)
+
 LAYOUT = CHANNELS_LAST
 Op = Callable[[tf.Tensor, bool], tf.Tensor]
 
@@ -150,8 +154,9 @@ ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
 class Variables:
     """The model's tf.Variables by canonical name, created from initial values already in NHWC layout."""
 
-    def __init__(self, initial: Dict[str, np.ndarray]):
+    def __init__(self, initial: Dict[str, np.ndarray], compute_dtype=tf.float32):
         self.initial = initial
+        self.compute_dtype = compute_dtype  # what convolutions and dense layers read their weights in
         self.by_name: Dict[str, tf.Variable] = {}
         self.trainable: List[tf.Variable] = []
         self.trainable_names: List[str] = []
@@ -162,7 +167,7 @@ class Variables:
         if trainable:
             self.trainable.append(var)
             self.trainable_names.append(name)
-        return var
+        return reads_in(var, name, self.compute_dtype)
 
 
 def _explicit_pads(layer: CompiledLayer) -> List[List[int]]:
@@ -332,15 +337,15 @@ BUILDERS: Dict[str, Callable[[CompiledLayer, Variables, "tf.random.Generator"], 
 
 def build_layer(layer: CompiledLayer, variables: Variables, rng) -> Op:
     """The op for one compiled layer (its variables are added to ``variables``)."""
-    return BUILDERS[layer.type](layer, variables, rng)
+    return in_float32(BUILDERS[layer.type](layer, variables, rng), layer.type, variables.compute_dtype)
 
 
 class Network:
     """The compiled model as a chain of ops over NHWC tensors; ``variables.by_name`` holds every tensor."""
 
-    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
+    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int, compute_dtype=tf.float32):
         self.rng = tf.random.Generator.from_seed(seed)
-        self.variables = Variables(initial)
+        self.variables = Variables(initial, compute_dtype)
         self.ops = [build_layer(layer, self.variables, self.rng) for layer in model.layers]
         perm = flatten_permutation(model)
         self.output_perm = None if perm is None else tf.constant(perm)
@@ -522,15 +527,22 @@ class TensorFlowRunner:
     """
 
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std, network=None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         from cnnrun.spec.init import initial_weights
 
         configure_threads(device.threads)
         self.model = model
         self.device, self.device_name = resolve_device(device)
+        # bf16/fp16: ops compute in it, variables stay float32 (see cnnrun.backends.tensorflow_precision); a Keras
+        # network gets the same from the dtype policy it was built under.
+        self.compute_dtype = COMPUTE_DTYPES[precision]
         with tf.device(self.device):
             initial = from_canonical(model, initial_weights(model, seed), LAYOUT)
-            self.net = (network or Network)(model, initial, seed)
+            if network is None:
+                self.net = Network(model, initial, seed, self.compute_dtype)
+            else:
+                self.net = network(model, initial, seed)
+            self.loss_scale = LossScale() if precision == "fp16" else None
             self.optimizer = make_optimizer(optimizer, self.net.variables.trainable)
             self.clip_norm = optimizer.clip_norm
             self.label_smoothing = label_smoothing
@@ -552,25 +564,36 @@ class TensorFlowRunner:
         self._predict = tf.function(self.logits, input_signature=[images], jit_compile=jit)
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
-        return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
+        return tf.cast((tf.cast(images, tf.float32) - self.mean) * self.inv_std, self.compute_dtype)
 
     def _train_step(self, images: tf.Tensor, labels: tf.Tensor, partners=None, lam=None) -> None:
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
-            logits = self.net(self._inputs(images), training=True)
+            logits = tf.cast(self.net(self._inputs(images), training=True), tf.float32)  # the loss in float32
             loss = sparse_cross_entropy(labels, logits, self.label_smoothing)
             if partners is not None:
                 loss = lam * loss + (1.0 - lam) * sparse_cross_entropy(partners, logits, self.label_smoothing)
-        grads = tape.gradient(loss, variables)
-        if self.clip_norm:
-            grads = clip_by_global_norm(grads, self.clip_norm)
-        self.optimizer.apply(grads, variables)
+            scaled = loss if self.loss_scale is None else loss * self.loss_scale.scale
+        grads = tape.gradient(scaled, variables)
+        if self.loss_scale is None:
+            self._apply(grads, variables)
+        else:
+            grads, finite = self.loss_scale.unscale(grads)
+            if finite:  # a tf.cond: an overflowed fp16 step changes nothing but the scale
+                self._apply(grads, variables)
+            self.loss_scale.update(finite)
         self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
+    def _apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        if self.clip_norm:
+            grads = clip_by_global_norm(grads, self.clip_norm)
+        self.optimizer.apply(grads, variables)
+
     def logits(self, images: tf.Tensor) -> tf.Tensor:
-        """uint8 (N, H, W, C) → logits in inference mode, as graph ops (also what a SavedModel export serves)."""
-        return self.net(self._inputs(images), training=False)
+        """uint8 (N, H, W, C) → float32 logits in inference mode, as graph ops (also what a SavedModel export
+        serves)."""
+        return tf.cast(self.net(self._inputs(images), training=False), tf.float32)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         with tf.device(self.device):
@@ -612,17 +635,23 @@ class TensorFlowRunner:
         """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""
         state = optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names)
         state.update(self.net.random_state())
+        if self.loss_scale is not None:
+            state.update(self.loss_scale.state())
         return state
 
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         set_optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names, state)
         self.net.set_random_state(state)
+        if self.loss_scale is not None:
+            self.loss_scale.set_state(state)
 
     @property
     def trainable_variables(self) -> List[tf.Variable]:
         return list(self.net.variables.trainable)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> TensorFlowRunner:
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32") -> TensorFlowRunner:
     """The backend's entry point (see :func:`cnnrun.backends.create_runner`)."""
-    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std, label_smoothing=label_smoothing)
+    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std, label_smoothing=label_smoothing,
+                            precision=precision)

@@ -38,7 +38,7 @@ def run(ctx) -> float:
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
         ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std,
-        label_smoothing=cfg.trainer.label_smoothing,
+        label_smoothing=cfg.trainer.label_smoothing, precision=cfg.trainer.precision,
     )
     version = backend.framework_version()
     resumed = None
