@@ -176,13 +176,15 @@ def create_runner(name: str, model, optimizer, options, device, seed: int, mean,
                                             label_smoothing=label_smoothing, precision=precision)
 
 
-def check_precision(framework: str, device_kind: str, precision: str) -> None:
-    """A UserError when ``framework`` cannot compute in ``precision`` on the device it resolved."""
+def check_precision(framework: str, device, device_kind: str, precision: str) -> None:
+    """A UserError when ``framework`` cannot compute in ``precision`` on ``device_kind``, the device it resolved
+    ``device`` (the DeviceConfig asked for, e.g. auto) to."""
     from cnnrun.precision import precision_problem
 
     message = precision_problem(framework, device_kind, precision)
     if message:
-        raise UserError(f"trainer.precision: {message}")
+        resolved = f" (device={device.name} resolved to {device_kind})" if device.kind != device_kind else ""
+        raise UserError(f"trainer.precision: {message}{resolved}")
 
 
 def framework_version(name: str) -> str:

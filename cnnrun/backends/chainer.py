@@ -358,7 +358,7 @@ class ChainerRunner:
         self.model = model
         self.device = resolve_device(device)
         self.xp = self.device.xp
-        check_precision("chainer", "cpu" if self.xp is np else "cuda", precision)
+        check_precision("chainer", device, "cpu" if self.xp is np else "cuda", precision)
         self.precision = Mixed16(precision == "fp16")
         self._threads = limit_cpu_threads(device.threads) if self.xp is np else None
         self.noise = Noise(seed)
