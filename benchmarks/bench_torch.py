@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import alternate, cnnrun_epoch_fn, images_per_second, mnist_5k, report
+from benchmarks.common import alternate, cnnrun_epoch_fn, images_per_second, mnist_5k, paired_ratio, report
 
 
 def classic_cnn() -> nn.Module:
@@ -74,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
+    parser.add_argument("--bf16", action="store_true", help="also time cnnrun with trainer.precision=bf16")
     args = parser.parse_args()
     from cnnrun.backends import TorchOptions
 
@@ -84,9 +85,13 @@ def main() -> None:
     fresh_threads = torch.get_num_threads()
     cnnrun_epoch = cnnrun_epoch_fn("torch", TorchOptions(), dataset)
 
-    def cnnrun_fresh_threads() -> float:
-        torch.set_num_threads(fresh_threads)
-        return cnnrun_epoch()
+    def fresh_threads_for(epoch_fn):
+        def run() -> float:
+            torch.set_num_threads(fresh_threads)
+            return epoch_fn()
+        return run
+
+    cnnrun_fresh_threads = fresh_threads_for(cnnrun_epoch)
 
     variants = {
         "reference eager NCHW (foreach Adam)": reference_epoch_fn(dataset, False, False, cores),
@@ -95,6 +100,9 @@ def main() -> None:
         "reference eager NCHW, 1 thread": reference_epoch_fn(dataset, False, False, 1),
         "cnnrun framework=torch (defaults)": cnnrun_fresh_threads,
     }
+    if args.bf16:
+        variants["cnnrun framework=torch trainer.precision=bf16"] = fresh_threads_for(
+            cnnrun_epoch_fn("torch", TorchOptions(), dataset, precision="bf16"))
     if args.compile:
         ok = compiled_gradients_match()
         print(f"torch.compile gradients match eager at batch 128: {ok}")
@@ -104,6 +112,11 @@ def main() -> None:
     fastest = max((k for k in results if k.startswith("reference")), key=lambda k: np.median(results[k]))
     report("classic_cnn training on mnist_5k, PyTorch " + torch.__version__, results, fastest,
            "cnnrun framework=torch (defaults)")
+    print(f"median of per-round ratios, cnnrun / {fastest}: "
+          f"{paired_ratio(results, 'cnnrun framework=torch (defaults)', fastest):.3f}")
+    if args.bf16:
+        bf16 = paired_ratio(results, "cnnrun framework=torch trainer.precision=bf16", "cnnrun framework=torch (defaults)")
+        print(f"cnnrun bf16 / fp32, median of per-round ratios: {bf16:.3f}")
 
 
 if __name__ == "__main__":
