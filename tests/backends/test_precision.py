@@ -15,9 +15,11 @@ Tolerances, and why they are looser than fp32's (1e-4 on logits, 1e-3 on losses)
 - Losses of four training steps: BF16_LOSS_ATOL = 5e-2 (losses of ~2.5-3 with logits a few 1e-3 off; measured
   up to 2e-2 on the stress spec).
 - Float32 master weights: four plain SGD steps at lr 1e-4 change each weight by ~1e-5, far below bf16's spacing
-  (~5e-4 near 0.1), so only float32 weights keep those changes. Each tensor's change must be float32 training's
-  within UPDATE_RTOL = 0.5 (relative): bf16 gradients are a few % off on classic_cnn and up to a third on the
-  stress spec's biases (sums of many rounded terms); weights held in bf16 were measured 10-190× off.
+  (~5e-4 near 0.1), so only float32 weights keep those changes. The change of all trained tensors together must
+  be float32 training's within UPDATE_RTOL = 0.4 (relative L2): bf16 gradients are a few % off on classic_cnn
+  (0.05 measured) and more on the stress spec (0.22 in PyTorch; its first conv's bias gradient, a sum of ~900
+  rounded terms per image that largely cancel, is 0.6 off); weights held in bf16 were measured 5-190× the change
+  off, per tensor.
 - Still trains: a small learnable problem (a bright patch in one of four quadrants, with noise) trained for
   FIT_EPOCHS in each precision: the loss of the last epoch below half the first's, and the test accuracy within
   ACCURACY_MARGIN (5 points, 13 of 256 test images) of the same framework's float32 run.
@@ -45,7 +47,7 @@ BF16_ATOL, FP16_ATOL = 2e-2, 5e-3
 ATOL = {"bf16": BF16_ATOL, "fp16": FP16_ATOL}
 BF16_LOSS_ATOL = 5e-2
 SMALL_SGD = {"name": "sgd", "lr": 1e-4, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
-UPDATE_RTOL = 0.5
+UPDATE_RTOL = 0.4
 STEP_CASES = ("classic_cnn", "stress_rgb")  # a shipped model, and every layer type and padding rule
 FIT_EPOCHS, FIT_BATCH, FIT_TRAIN, FIT_TEST = 4, 32, 384, 256
 ACCURACY_MARGIN = 0.05
@@ -145,10 +147,10 @@ def test_fp16_logits_match_float32_torch_at_the_fp16_tolerance(results, variant)
 @pytest.mark.parametrize("case", STEP_CASES)
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])
 def test_bf16_training_keeps_updates_smaller_than_bf16_can_hold(results, variant, case):
-    """Four small SGD steps in bf16: the losses follow float32 PyTorch's at BF16_LOSS_ATOL, and each weight's
-    change from its initial value is float32 training's change within UPDATE_RTOL (relative, per tensor). The
+    """Four small SGD steps in bf16: the losses follow float32 PyTorch's at BF16_LOSS_ATOL, and the weights' change
+    from their initial values is float32 training's change within UPDATE_RTOL (relative, all tensors). The
     changes (~1e-5) are far below bf16's spacing near the weights (~5e-4), so only float32 master weights keep
-    them: weights held in bf16 were measured 10-190× the change off."""
+    them: weights held in bf16 were measured 5-190× the change off, per tensor."""
     result, reference = results(variant), results(REFERENCE)
     losses = result[f"{case}/train_bf16/losses"]
     np.testing.assert_allclose(losses, reference[f"{case}/train_fp32/losses"], rtol=0, atol=BF16_LOSS_ATOL)
@@ -156,13 +158,13 @@ def test_bf16_training_keeps_updates_smaller_than_bf16_can_hold(results, variant
     expected = _prefixed(reference, f"{case}/train_fp32/weights/")
     actual = _prefixed(result, f"{case}/train_bf16/weights/")
     assert set(actual) == set(expected)
+    trained = [name for name in expected if "/moving_" not in name]  # running statistics follow the activations
     for name, value in actual.items():
         assert value.dtype == np.float32, name
-        if "/moving_" in name:  # running statistics follow the bf16 activations, not the optimizer
-            continue
-        change, expected_change = value - initial[name], expected[name] - initial[name]
-        off = np.linalg.norm(change - expected_change) / np.linalg.norm(expected_change)
-        assert off <= UPDATE_RTOL, f"{name}: its change is {off:.2f} of float32 training's change off"
+    change = np.concatenate([(actual[n] - initial[n]).ravel() for n in trained])
+    expected_change = np.concatenate([(expected[n] - initial[n]).ravel() for n in trained])
+    off = np.linalg.norm(change - expected_change) / np.linalg.norm(expected_change)
+    assert off <= UPDATE_RTOL, f"the weights' change is {off:.2f} of float32 training's change off"
     for name, value in _prefixed(result, f"{case}/train_bf16/state/").items():
         if np.issubdtype(value.dtype, np.floating) and not name.startswith("rng/"):
             assert value.dtype == np.float32, name
