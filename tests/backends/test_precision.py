@@ -49,7 +49,7 @@ BF16_LOSS_ATOL = 5e-2
 SMALL_SGD = {"name": "sgd", "lr": 1e-4, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 UPDATE_RTOL = 0.4
 STEP_CASES = ("classic_cnn", "stress_rgb")  # a shipped model, and every layer type and padding rule
-FIT_EPOCHS, FIT_BATCH, FIT_TRAIN, FIT_TEST = 4, 32, 384, 256
+FIT_EPOCHS, FIT_BATCH, FIT_TRAIN, FIT_TEST = 5, 64, 384, 256
 ACCURACY_MARGIN = 0.05
 FIT_SPEC = {
     "name": "quadrants",
@@ -63,7 +63,7 @@ FIT_SPEC = {
     ],
 }
 FIT_INPUT = (1, 12, 12)
-FIT_ADAM = {"name": "adam", "lr": 1e-2}
+FIT_ADAM = {"name": "adam", "lr": 2e-2}
 
 
 def _low_precision_variants() -> List[Variant]:
