@@ -45,6 +45,14 @@ for framework in torch chainer; do
     cli task=eval model=resnet_lite checkpoint="$checkpoint" framework=$evaluator device=cpu
   done
 done
+say "== data-parallel training on NCCL: one rank under torchrun, then one process per GPU (trainer.devices)"
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+say "== torchrun --standalone --nproc-per-node=1 -m cnnrun model=resnet_lite framework=torch device=cuda"
+timeout "${RUN_LIMIT:-150}" python3 -m torch.distributed.run --standalone --nproc-per-node=1 -m cnnrun tracking=none \
+  model=resnet_lite framework=torch device=cuda trainer.epochs=2 trainer.sync_batchnorm=true 2>&1 | tee -a "$LOG"
+say "-- exit ${PIPESTATUS[0]}"
+cli model=resnet_lite framework=torch device=cuda trainer.devices="$GPUS" trainer.sync_batchnorm=true trainer.epochs=2
+cli model=resnet_lite framework=keras framework.backend=torch device=cuda trainer.devices="$GPUS" trainer.epochs=2
 
 # Mixed precision: bf16 against fp32 at batch 256, for resnet_lite and a wider network (classic_cnn with 4x the
 # filters and units), each pair run back to back; epoch 1 (kernel selection, autotuning) is left out of the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
@@ -95,12 +96,22 @@ def _task(cfg: DictConfig):
         if os.environ.get("CNNRUN_DEBUG"):
             raise
         message = err.render() if isinstance(err, UserError) else f"cnnrun: {err}"
-        print(message, file=sys.stderr)
+        if isinstance(err, UserError) or _is_main_rank():  # an interrupted run is reported once, by rank 0
+            print(message, file=sys.stderr)
         if _is_multirun():
             if isinstance(err, TrainingInterrupted) and "trainer.max_time" not in str(err):
                 raise KeyboardInterrupt from err  # Ctrl-C/SIGTERM stops the whole sweep, not just this job
             raise  # the sweep records this job as failed and goes on
         sys.exit(err.exit_code)
+
+
+def _is_main_rank() -> bool:
+    from cnnrun.distributed.world import detect_world
+
+    try:
+        return detect_world().is_main
+    except UserError:
+        return True
 
 
 def _sweep_failed(err: BaseException) -> None:
@@ -139,6 +150,14 @@ def main():
     from cnnrun import hydra_errors, hydra_startup
     from cnnrun.sweep.callback import finish_active
 
+    # conf/hydra/launcher/submitit_*.yaml share their names with the plugin's schemas, which check their keys;
+    # Hydra warns about that matching on every start
+    warnings.filterwarnings("ignore", message="(?s).*validated against ConfigStore schema with the same name")
+
+    from cnnrun.distributed.launch import die_with_launcher, rank_hydra_args
+
+    die_with_launcher()  # a worker that cnnrun launched does not outlive its launcher
+    sys.argv += rank_hydra_args()  # ranks other than 0 write nothing: no output folder of their own
     hydra_errors.install(on_error=_sweep_failed)
     hydra_startup.install()
     _describe_version_flag()

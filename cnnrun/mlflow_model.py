@@ -40,8 +40,6 @@ except ImportError:  # pragma: no cover - MLflow is a dependency
     PythonModel = object
 
 ARTIFACT = "checkpoint"
-FRAMEWORK_PACKAGES = {"torch": ["torch"], "tensorflow": ["tensorflow"], "keras": ["keras", "tensorflow"],
-                      "chainer": ["chainer", "setuptools"]}
 
 
 class CnnrunModel(PythonModel):
@@ -144,11 +142,13 @@ def log_pyfunc(run_id: str, checkpoint: Path, name: str = "model", register_as: 
     import mlflow
 
     from cnnrun import checkpoint as ckpt_io
+    from cnnrun.backends import BACKENDS
 
     ckpt = ckpt_io.load(checkpoint)
     framework = ckpt.origin.get("framework", "torch")
     requirements = [f"mlflow=={mlflow.__version__}"]
-    for package in ["numpy", "pydantic", "safetensors", "pyyaml"] + FRAMEWORK_PACKAGES.get(framework, []):
+    needed = BACKENDS[framework].requirements if framework in BACKENDS else ()
+    for package in ["numpy", "pydantic", "safetensors", "pyyaml", *needed]:
         try:
             requirements.append(f"{package}=={importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:

@@ -19,15 +19,6 @@ from cnnrun.errors import one_of
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT = "fp32"
 
-# framework → device kind → the precisions it trains in there. Chainer has no bfloat16 (NumPy and CuPy lack the
-# type) and its mixed16 mode needs CUDA: NumPy's float16 convolutions are emulated and far slower than float32.
-SUPPORT: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "torch": {"cpu": PRECISIONS, "cuda": PRECISIONS},
-    "tensorflow": {"cpu": PRECISIONS, "cuda": PRECISIONS},
-    "keras": {"cpu": PRECISIONS, "cuda": PRECISIONS},
-    "chainer": {"cpu": ("fp32",), "cuda": ("fp32", "fp16")},
-}
-
 # Dynamic loss scaling for fp16, the rule of torch.amp.GradScaler and Keras's LossScaleOptimizer: start at 2^15,
 # halve the scale and skip the update when a gradient is not finite, double it after this many finite steps.
 INITIAL_LOSS_SCALE = 2.0 ** 15
@@ -39,9 +30,12 @@ def precision_problem(framework: str, device_kind: str, precision: str) -> Optio
 
     'auto' (the device is only known once the framework is loaded) is a problem only when no device would do.
     """
-    by_device = SUPPORT.get(framework)
-    if by_device is None or precision not in PRECISIONS:
+    from cnnrun.backends import BACKENDS  # where each framework lists its precisions per device kind
+
+    info = BACKENDS.get(framework)
+    if info is None or precision not in PRECISIONS:
         return None  # an unknown framework or precision: their own checks say so
+    by_device = info.precisions
     devices = tuple(by_device) if device_kind == "auto" else (device_kind,)
     if any(precision in by_device.get(kind, ()) for kind in devices):
         return None
@@ -53,10 +47,9 @@ def precision_problem(framework: str, device_kind: str, precision: str) -> Optio
     elsewhere = [kind for kind, ps in by_device.items() if kind != device_kind and precision in ps]
     if elsewhere:
         message += f" ({framework} runs {precision} on device={' or '.join(elsewhere)})"
-    others = [name for name, support in SUPPORT.items()
-              if name != framework and any(precision in ps for ps in support.values())]
+    others = [name for name, other in BACKENDS.items()
+              if name != framework and any(precision in ps for ps in other.precisions.values())]
     return f"{message}; {precision} runs with framework={one_of(others)}, or set trainer.precision=fp32"
 
 
-__all__ = ["DEFAULT", "INITIAL_LOSS_SCALE", "LOSS_SCALE_GROWTH_INTERVAL", "PRECISIONS", "SUPPORT",
-           "precision_problem"]
+__all__ = ["DEFAULT", "INITIAL_LOSS_SCALE", "LOSS_SCALE_GROWTH_INTERVAL", "PRECISIONS", "precision_problem"]

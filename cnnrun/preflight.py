@@ -2,7 +2,8 @@
 
 The config groups and the model spec are checked by their schemas (:mod:`cnnrun.config`, :mod:`cnnrun.spec`);
 what is left is what only the surroundings can answer: is the dataset known, is the framework installed, does
-the checkpoint ``trainer.resume`` or ``checkpoint`` names exist, is the tracking URI one MLflow understands (the
+the checkpoint ``trainer.resume`` or ``checkpoint`` names exist, is the tracking URI one MLflow understands, can
+the framework train on the processes ``trainer.devices`` (or a launcher) asks for (the
 sweep objective is checked by its schema, :class:`cnnrun.config.SweepConfig`). Each check reads the raw config (so it still runs when another group
 is invalid) and returns :class:`Problem`s, never raises: ``task=validate`` reports them all with the schema's.
 Nothing here imports a framework, a dataset module or MLflow.
@@ -73,9 +74,7 @@ def _framework(raw: Dict[str, Any]) -> List[Problem]:
     info = BACKENDS.get(name) if isinstance(name, str) else None
     if info is None:
         return []
-    needed = [info.package]
-    if name == "keras" and framework.get("backend") in BACKENDS:  # Keras 3 runs on a framework of its own
-        needed.append(BACKENDS[framework["backend"]].package)
+    needed = info.engine_packages(framework)  # Keras 3 runs on a framework of its own
     missing = [package for package in dict.fromkeys(needed) if importlib.util.find_spec(package) is None]
     return [Problem("framework.name", not_installed(name, package)) for package in missing]
 
@@ -151,10 +150,17 @@ def tracking_uri_problem(uri: str) -> Optional[str]:
     return None
 
 
+def _devices(raw: Dict[str, Any]) -> List[Problem]:
+    from cnnrun.distributed import devices_problems
+
+    return devices_problems(raw)
+
+
 CHECKS: List[Callable[[Dict[str, Any]], List[Problem]]] = [
     _dataset,
     _framework,
     _precision,
     _checkpoints,
     _tracking_uri,
+    _devices,
 ]

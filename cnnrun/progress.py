@@ -119,3 +119,15 @@ class ItemProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class SilentView:
+    """The view of a process that shows nothing (the ranks other than 0 of a multi-process run)."""
+
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None: ...
+
+    def update(self, steps_done: int, loss: float, acc: float, images_per_s: float) -> None: ...
+
+    def end_epoch(self, row) -> None: ...
+
+    def close(self) -> None: ...

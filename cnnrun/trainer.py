@@ -3,7 +3,9 @@
 The loop sees a :class:`~cnnrun.backends.Runner` and NumPy batches only. It syncs with the device every
 ``trainer.log_every`` steps (to show live metrics and catch divergence), never every step. It checkpoints after
 each epoch, stops early on a plateau of validation loss, and on Ctrl-C, SIGTERM or ``trainer.max_time`` it
-finishes the current step, saves its full state and raises :class:`TrainingInterrupted`.
+finishes the current step, saves its full state and raises :class:`TrainingInterrupted`. With several processes
+(:mod:`cnnrun.distributed`) the runner takes global batches and answers for all ranks; a stop takes effect at the
+next sync, when the ranks agree on it, so that every rank stops after the same step.
 
 Without a validation split (``dataset.val_fraction=0``) there is nothing to choose an epoch by: every epoch
 runs (no early stopping), no best checkpoint is written, no validation metric is logged, and the last epoch's
@@ -23,6 +25,7 @@ import numpy as np
 from cnnrun.data import Dataset, Split
 from cnnrun.data.augment import augment_batch, mix_batch, mixes
 from cnnrun.data.pipeline import epoch_order, iterate_batches, num_batches
+from cnnrun.distributed.collective import LOCAL, any_rank
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
 from cnnrun.schedules import LearningRate
@@ -117,8 +120,10 @@ class Trainer:
         view,
         save_checkpoint: Callable[[str, TrainState], None],
         learning_rate: Optional[LearningRate] = None,
+        collective=LOCAL,
     ):
         self.runner = runner
+        self.collective = collective  # the other ranks, to agree on stopping (LOCAL: this process alone)
         self.dataset = dataset
         self.cfg = cfg
         self.logger = logger
@@ -153,6 +158,7 @@ class Trainer:
         self.view.start_epoch(epoch, steps, state.batch)
         started = time.perf_counter()
         since_sync = 0
+        stopping = False
         for images, labels in iterate_batches(train, cfg.batch_size, order, start_batch=state.batch):
             mix = None
             if use_augment:  # seeded per batch, so a run resumed mid-epoch augments exactly as it would have
@@ -165,10 +171,12 @@ class Trainer:
             self.runner.train_step(images, labels, mix)
             state.batch += 1
             since_sync += 1
-            if since_sync == cfg.log_every or state.batch == steps or stop.requested:
+            at_sync = since_sync == cfg.log_every or state.batch == steps
+            stopping = self._stopping(stop, at_sync)
+            if at_sync or stopping:
                 self._sync(state, started, since_sync)
                 since_sync = 0
-            if stop.requested and state.batch < steps:
+            if stopping and state.batch < steps:
                 state.seconds += time.perf_counter() - started
                 self.save_checkpoint("last", state)
                 raise TrainingInterrupted(
@@ -187,10 +195,20 @@ class Trainer:
             images_per_s=state.count / state.seconds if state.seconds else float("nan"),
             lr=self._rate,
         )
-        if stop.requested:  # interrupted on the epoch's last step: finish the epoch's bookkeeping first
+        if stopping:  # interrupted on the epoch's last step: finish the epoch's bookkeeping first
             self._end_epoch(state, row)
             raise TrainingInterrupted(f"stopped by {stop.reason} at the end of epoch {epoch + 1}; state saved")
         return row
+
+    def _stopping(self, stop: StopSignal, at_sync: bool) -> bool:
+        """Whether to stop after this step: one process stops at once; ranks stop together, at a sync point,
+        when any of them was asked to."""
+        if self.collective.world.size == 1:
+            return stop.requested
+        if not at_sync or not any_rank(self.collective, stop.requested):
+            return False
+        stop.reason = stop.reason or "another rank's stop request"
+        return True
 
     @property
     def validates(self) -> bool:

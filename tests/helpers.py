@@ -19,6 +19,33 @@ CONF = ROOT / "conf"
 CNNRUN = [sys.executable, "-m", "cnnrun"]
 
 
+def framework_engines():
+    """(id, framework, options) for every framework of cnnrun.backends.BACKENDS, once per engine (Keras: once per
+    Keras backend), e.g. ("keras-torch", "keras", {"backend": "torch"})."""
+    from cnnrun.backends import BACKENDS
+
+    for name, info in BACKENDS.items():
+        for options in info.engines:
+            yield "-".join([name, *map(str, options.values())]), name, options
+
+
+def framework_params():
+    """pytest params of the CLI arguments that pick each framework engine (see :func:`framework_engines`);
+    skipped, with the reason, where its backend module or package is missing."""
+    import pytest
+
+    from cnnrun.backends import BACKENDS
+
+    params = []
+    for label, name, options in framework_engines():
+        info = BACKENDS[name]
+        args = [f"framework={name}"] + [f"framework.{key}={value}" for key, value in options.items()]
+        missing = [m for m in (info.module, *info.engine_packages(options)) if importlib.util.find_spec(m) is None]
+        marks = [pytest.mark.skip(reason=f"{', '.join(missing)} missing")] if missing else []
+        params.append(pytest.param(args, id=label, marks=marks))
+    return params
+
+
 def shipped_model(name: str, num_classes: int = 10) -> Dict:
     """A conf/model/*.yaml as plain data, with ${dataset.num_classes} resolved."""
     data = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())

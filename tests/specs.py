@@ -42,6 +42,41 @@ POOLING = {
     ],
 }
 
+# Every layer type and option added for mobile and dense-prediction networks, on an odd-sized RGB input:
+# groups with a dilated 'same' kernel, depthwise with a depth multiplier (stride-2 'same' pads (0, 1) on one axis,
+# 'valid' with [2, 3] stride, no bias), separable convs (dilated [2, 1] with int padding, bias false), a strided
+# depthwise body with its projection, bilinear and nearest upsampling with unequal factors, global max pooling,
+# and every new activation in conv, dense, residual and activation layers (silu under its other name).
+MOBILE_INPUT = (3, 17, 15)
+MOBILE = {
+    "name": "mobile",
+    "layers": [
+        {"type": "conv2d", "filters": 8, "kernel": 3, "stride": 2, "padding": "same", "bias": False,
+         "activation": "relu6"},
+        {"type": "batchnorm", "momentum": 0.9},
+        {"type": "depthwise_conv2d", "kernel": 3, "padding": "same", "depth_multiplier": 2,
+         "activation": "hard_swish"},
+        {"type": "conv2d", "filters": 12, "kernel": 3, "groups": 4, "dilation": 2, "padding": "same",
+         "activation": "gelu"},
+        {"type": "residual", "activation": "swish", "layers": [
+            {"type": "depthwise_conv2d", "kernel": [3, 2], "stride": 2, "padding": "same", "bias": False},
+            {"type": "batchnorm"},
+            {"type": "separable_conv2d", "filters": 16, "kernel": 3, "padding": "same", "depth_multiplier": 2,
+             "activation": "silu"},
+        ]},
+        {"type": "upsample", "size": 2, "interpolation": "bilinear"},
+        {"type": "separable_conv2d", "filters": 10, "kernel": 3, "dilation": [2, 1], "padding": 1, "bias": False,
+         "activation": "hard_swish"},
+        {"type": "upsample", "size": [1, 2], "interpolation": "nearest"},
+        {"type": "depthwise_conv2d", "kernel": 2, "stride": [2, 3], "activation": "gelu"},
+        {"type": "activation", "fn": "relu6"},
+        {"type": "global_maxpool"},
+        {"type": "dense", "units": 12, "activation": "gelu"},
+        {"type": "dense", "units": 10},
+        {"type": "softmax"},
+    ],
+}
+
 
 def without_dropout(spec: Dict) -> Dict:
     """The same spec (same layer names) with every dropout rate 0, for deterministic training steps."""

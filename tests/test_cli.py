@@ -148,7 +148,7 @@ def test_added_key_lists_its_own_groups_keys_not_the_roots(workdir):
 
 
 @pytest.mark.parametrize("override,choices", [("model=nope", "'classic_cnn' or 'resnet_lite'"),
-                                              ("hydra/launcher=nope", "'basic' or 'joblib'")])
+                                              ("hydra/launcher=nope", "'ray_local', 'submitit_local' or 'submitit_slurm'")])
 def test_unknown_group_choice_is_one_line_without_the_search_path(workdir, override, choices):
     result = run_cli(["task=validate", override], workdir)
     assert_user_error(result, f"cnnrun: {override}: config group", choices)

@@ -236,3 +236,28 @@ def test_converted_weights_drive_real_tensorflow_ops():
     out = conv.reshape(2, -1) @ w["dense_2/kernel"].T + w["dense_2/bias"]
     np.testing.assert_allclose(np.asarray(got["conv"]), conv, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got["out"]), out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("axes, native, fans", [("OIHW", "HWIO", (2 * 15, 3 * 15)), ("OI", "IO", (2, 3)),
+                                                ("I", "I", (2, 1))])
+def test_a_tensors_axes_give_its_channels_last_order_and_glorot_fans(axes, native, fans):
+    """Layout and initialisation read nothing but the axes a layer type declares (cnnrun.spec.layers.Tensor)."""
+    from cnnrun.layout import channels_last_axes
+    from cnnrun.spec.layers import Tensor
+
+    sizes = {"O": 3, "I": 2, "H": 3, "W": 5}
+    assert channels_last_axes(axes) == native
+    assert Tensor(axes, "glorot_uniform").fans(tuple(sizes[a] for a in axes)) == fans
+
+
+@pytest.mark.parametrize("layout", [CHANNELS_FIRST, CHANNELS_LAST])
+def test_a_tensor_held_reshaped_comes_back_in_the_declared_shape(layout):
+    """A framework may hold a tensor in another shape with the same order of values (a depthwise kernel:
+    (C·M, 1, H, W) canonical, (H, W, C, M) channels-last): reading it gives the spec's shape, not the framework's."""
+    model = _model()
+    weights = _random_weights(model)
+    native = from_canonical(model, weights, layout)
+    held = {name: value.reshape(-1) if value.ndim > 1 else value for name, value in native.items()}
+    back = to_canonical(model, held, layout)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)

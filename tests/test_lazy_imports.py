@@ -9,15 +9,9 @@ import pytest
 
 from cnnrun.backends import BACKENDS
 
-FRAMEWORK_PACKAGES = {"torch", "tensorflow", "keras", "chainer", "cupy", "jax"}
-# What each framework may load: Keras 3 on its default TensorFlow backend needs TensorFlow. (`import tensorflow`
-# would import keras by itself; the tensorflow backend hides it while TF loads, which also halves start-up.)
-ALLOWED = {
-    "torch": {"torch"},
-    "tensorflow": {"tensorflow"},
-    "keras": {"keras", "tensorflow"},
-    "chainer": {"chainer"},
-}
+FRAMEWORK_PACKAGES = {info.package for info in BACKENDS.values()} | {"cupy", "jax"}
+# What each framework may load (its registry entry says: Keras 3 on its default TensorFlow backend needs TensorFlow).
+ALLOWED = {name: set(info.imports) for name, info in BACKENDS.items()}
 
 SNIPPET = """
 import json, sys

@@ -1,9 +1,11 @@
 """The checks a run makes before it loads anything: they read the raw config and name each problem's key."""
 
+import dataclasses
+
 import pytest
 
 from cnnrun import preflight
-from cnnrun.backends import BACKENDS, BackendInfo
+from cnnrun.backends import BACKENDS
 
 
 @pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "sqlite:////abs/mlflow.db", "mlruns", "/abs/mlruns",
@@ -22,16 +24,14 @@ def test_malformed_tracking_uris_are_named(uri, fragment):
 
 
 def test_a_framework_that_is_not_installed_is_a_problem_without_importing_it(monkeypatch):
-    monkeypatch.setitem(BACKENDS, "torch", BackendInfo("cnnrun.backends.torch", "no_such_framework_pkg",
-                                                       BACKENDS["torch"].options))
+    monkeypatch.setitem(BACKENDS, "torch", dataclasses.replace(BACKENDS["torch"], package="no_such_framework_pkg"))
     problems = preflight.problems({"task": "validate", "framework": {"name": "torch"}})
     assert [(p.key, "needs the no_such_framework_pkg package" in p.message) for p in problems] == [
         ("framework.name", True)]
 
 
 def test_keras_needs_the_framework_it_runs_on(monkeypatch):
-    monkeypatch.setitem(BACKENDS, "torch", BackendInfo("cnnrun.backends.torch", "no_such_framework_pkg",
-                                                       BACKENDS["torch"].options))
+    monkeypatch.setitem(BACKENDS, "torch", dataclasses.replace(BACKENDS["torch"], package="no_such_framework_pkg"))
     raw = {"task": "validate", "framework": {"name": "keras", "backend": "torch"}}
     assert [p.key for p in preflight.problems(raw)] == ["framework.name"]
 

@@ -3,19 +3,23 @@
 A backend turns a :class:`~cnnrun.spec.CompiledModel` into a framework model plus optimizer (a
 :class:`Runner`), on a device. Its module is imported only when that framework is asked for, so training with
 one framework never imports another. Adding a framework: one module here implementing ``create_runner`` and
-``framework_version``, one line in ``BACKENDS``, one options class, one ``conf/framework/<name>.yaml``.
+``framework_version`` (its layers built by one builder per layer type, see :mod:`cnnrun.backends.building`),
+its entry in ``BACKENDS`` (a :class:`BackendInfo`: options class and the facts tests and tools read), and
+``conf/framework/<name>.yaml``. The test tables (equivalence, lazy imports, resume, GPU, cross-framework eval)
+iterate ``BACKENDS`` and read these facts, so a new framework joins them all.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Literal, Optional, Protocol, Tuple, Type
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Literal, Optional, Protocol, Tuple, Type, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
+from cnnrun.precision import PRECISIONS
 from cnnrun.spec.validation import problems_from
 
 if TYPE_CHECKING:  # NumPy only types this table's protocol: checking options (task=summary) does not import it
@@ -94,17 +98,86 @@ class ChainerOptions(_Options):
 
 
 @dataclass(frozen=True)
+class Tolerances:
+    """How close this framework's numbers must be to the reference (PyTorch) on one spec and weights (the
+    equivalence suite), and to its own across an interrupt and resume (0: bit for bit)."""
+
+    logits: float = 1e-4
+    losses: float = 1e-3
+    resume: float = 0.0
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How a framework trains on several processes (``trainer.devices``; see :mod:`cnnrun.distributed`)."""
+
+    module: str  # the engine: launch/join/wrap
+    joins: str  # the launcher whose worlds it joins: "torchrun", "tf_config" or "mpi" (cnnrun.distributed.world)
+    sync_batchnorm_refusal: Optional[str] = None  # why trainer.sync_batchnorm=true cannot work, where it cannot
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     module: str
     package: str  # the import that proves the framework is installed
     options: Type[_Options]
+    layout: str  # its native tensor layout: cnnrun.layout's CHANNELS_FIRST or CHANNELS_LAST
+    # Framework packages training with it may import (tests/test_lazy_imports.py): its own and what it runs on.
+    imports: FrozenSet[str]
+    # The distributions a model logged from it needs (the MLflow model's pip requirements, besides cnnrun's own).
+    requirements: Tuple[str, ...]
+    tolerances: Tolerances = Tolerances()
+    gpu: bool = True  # runs on CUDA GPUs (tests/backends/test_gpu.py)
+    # Option sets that run it on different engines, each tested on its own (Keras: one per Keras backend).
+    engines: Tuple[Dict[str, Any], ...] = ({},)
+    # Optional fast paths, by a short name: options that must give the numbers of the engine they extend.
+    fast_paths: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Data-parallel training; None: one process only. Keras trains on the engine of its backend's framework.
+    parallel: Optional[Parallel] = None
+    # Device kind → the trainer.precision values it trains in there (see cnnrun.precision).
+    precisions: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: {"cpu": PRECISIONS, "cuda": PRECISIONS})
 
+    def engine_packages(self, options: Dict[str, Any]) -> Tuple[str, ...]:
+        """The packages ``options`` need: the framework's, plus the one it runs on (Keras's backend)."""
+        engine = options.get("backend")
+        extra = (BACKENDS[engine].package,) if engine in BACKENDS and engine != self.package else ()
+        return (self.package, *extra)
+
+
+_KERAS_ENGINES = get_args(KerasOptions.model_fields["backend"].annotation)
 
 BACKENDS: Dict[str, BackendInfo] = {
-    "torch": BackendInfo("cnnrun.backends.torch", "torch", TorchOptions),
-    "tensorflow": BackendInfo("cnnrun.backends.tensorflow", "tensorflow", TensorFlowOptions),
-    "keras": BackendInfo("cnnrun.backends.keras", "keras", KerasOptions),
-    "chainer": BackendInfo("cnnrun.backends.chainer", "chainer", ChainerOptions),
+    "torch": BackendInfo(
+        "cnnrun.backends.torch", "torch", TorchOptions, "channels_first", frozenset({"torch"}), ("torch",),
+        fast_paths={"plain": {"channels_last": False, "fused_optimizer": False}},
+        parallel=Parallel("cnnrun.distributed.torch", joins="torchrun"),
+    ),
+    "tensorflow": BackendInfo(
+        "cnnrun.backends.tensorflow", "tensorflow", TensorFlowOptions, "channels_last", frozenset({"tensorflow"}),
+        ("tensorflow",), tolerances=Tolerances(resume=1e-5), fast_paths={"xla": {"jit_compile": True}},
+        parallel=Parallel("cnnrun.distributed.tensorflow", joins="tf_config"),
+    ),
+    # Keras 3 on its default TensorFlow backend imports TensorFlow (the tensorflow backend hides Keras from
+    # TensorFlow's own import of it, which also halves start-up).
+    "keras": BackendInfo(
+        "cnnrun.backends.keras", "keras", KerasOptions, "channels_last", frozenset({"keras", "tensorflow"}),
+        ("keras", "tensorflow"), tolerances=Tolerances(resume=1e-5),
+        engines=tuple({"backend": b} for b in _KERAS_ENGINES),
+        fast_paths={"xla": {"backend": "tensorflow", "jit_compile": True}},
+    ),
+    "chainer": BackendInfo(
+        "cnnrun.backends.chainer", "chainer", ChainerOptions, "channels_first", frozenset({"chainer"}),
+        ("chainer", "setuptools"),  # Chainer imports pkg_resources where setuptools still has it
+        # No bfloat16 (NumPy and CuPy lack the type), and mixed16 on CUDA only: NumPy's float16 convolutions are
+        # emulated and far slower than float32.
+        precisions={"cpu": ("fp32",), "cuda": ("fp32", "fp16")},
+        parallel=Parallel(
+            "cnnrun.distributed.chainer", joins="mpi",
+            sync_batchnorm_refusal="ChainerMN's MultiNodeBatchNormalization averages each rank's mean (wrong when "
+                                   "shards differ in size) and takes the variance as E[x²] − E[x]², which cancels "
+                                   "in float32",
+        ),
+    ),
 }
 
 

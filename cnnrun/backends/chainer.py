@@ -12,11 +12,21 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import check_precision, mean_metrics
+from cnnrun.backends import BACKENDS, check_precision, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    attribute_handles,
+    read_canonical,
+    slot_key,
+    slots_by_tensor,
+    write_canonical,
+)
+from cnnrun.backends.devices import gpu_index
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -27,8 +37,6 @@ from cnnrun.backends.chainer_env import (
     import_chainer,
     limit_cpu_threads,
 )
-from cnnrun.errors import UserError
-from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -39,7 +47,7 @@ import chainer.links as L  # noqa: E402
 from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
 from cnnrun.backends.chainer_precision import Mixed16  # noqa: E402
 
-LAYOUT = CHANNELS_FIRST
+LAYOUT = BACKENDS["chainer"].layout  # CHANNELS_FIRST
 NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
 _CURAND_PHILOX = 161  # cuRAND's CURAND_RNG_PSEUDO_PHILOX4_32_10 (a stable C enum value; CuPy's module path moved)
 _CUPY_VERSION: Optional[str] = None  # set once a runner really uses CuPy; part of framework_version()
@@ -60,7 +68,16 @@ def _activation(name: str):
         "sigmoid": F.sigmoid,
         "elu": partial(F.elu, alpha=ELU_ALPHA),
         "leaky_relu": partial(F.leaky_relu, slope=LEAKY_RELU_SLOPE),
+        "relu6": partial(F.clipped_relu, z=6.0),
+        "gelu": _gelu,
+        "swish": lambda x: x * F.sigmoid(x),  # F.swish has a trainable β; this is β = 1
+        "hard_swish": lambda x: x * F.clipped_relu(x + 3.0, z=6.0) * (1.0 / 6.0),
     }[name]
+
+
+def _gelu(x):
+    """The exact form x·(1 + erf(x/√2))/2 (Chainer has no GELU of its own)."""
+    return 0.5 * x * (1.0 + F.erf(x * np.float32(1.0 / np.sqrt(2.0))))
 
 
 def _symmetric(pads) -> bool:
@@ -84,24 +101,33 @@ class Fn(chainer.Link):
         return self.fn(x)
 
 
+def _convolution(layer: CompiledLayer, out_channels: int, groups: int, bias: bool):
+    """The layer's window as an L.Convolution2D (OIHW weights: canonical), and the F.pad width to apply before
+    it (None when its own symmetric padding is the compiled one)."""
+    spec = layer.spec
+    symmetric = _symmetric(layer.pads)
+    conv = L.Convolution2D(
+        layer.in_shape[0],
+        out_channels,
+        spec.kernel,
+        stride=spec.stride,
+        pad=(layer.pads[0][0], layer.pads[1][0]) if symmetric else 0,
+        nobias=not bias,
+        initialW=chainer.initializers.Zero(),  # cnnrun sets the shared initial weights afterwards
+        dilate=spec.dilation,
+        groups=groups,
+    )
+    return conv, None if symmetric else _pad_width(layer.pads)
+
+
 class Conv(chainer.Chain):
     """conv2d: L.Convolution2D with its own symmetric padding, or F.pad first when the padding is uneven."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         spec = layer.spec
-        symmetric = _symmetric(layer.pads)
-        self.pad_width = None if symmetric else _pad_width(layer.pads)
         with self.init_scope():
-            self.conv = L.Convolution2D(
-                layer.in_shape[0],
-                spec.filters,
-                spec.kernel,
-                stride=spec.stride,
-                pad=(layer.pads[0][0], layer.pads[1][0]) if symmetric else 0,
-                nobias=not spec.bias,
-                initialW=chainer.initializers.Zero(),  # cnnrun sets the shared initial weights afterwards
-            )
+            self.conv, self.pad_width = _convolution(layer, spec.filters, spec.groups, spec.bias)
         self.act = _activation(spec.activation)
 
     def forward(self, x):
@@ -110,10 +136,80 @@ class Conv(chainer.Chain):
         return self.act(self.conv(x))
 
 
+class DepthwiseConv(Conv):
+    """depthwise_conv2d as a convolution with one group per input channel: its (C·m, 1, kh, kw) weight is the
+    canonical kernel (L.DepthwiseConvolution2D holds another layout)."""
+
+    def __init__(self, layer: CompiledLayer):
+        chainer.Chain.__init__(self)
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        with self.init_scope():
+            self.conv, self.pad_width = _convolution(layer, channels * spec.depth_multiplier, channels, spec.bias)
+        self.act = _activation(spec.activation)
+
+
+class SeparableConv(chainer.Chain):
+    """separable_conv2d: the depthwise convolution (no bias), then a 1×1 one with the bias and activation."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        middle = channels * spec.depth_multiplier
+        with self.init_scope():
+            self.depthwise, self.pad_width = _convolution(layer, middle, channels, bias=False)
+            self.pointwise = L.Convolution2D(middle, spec.filters, 1, nobias=not spec.bias,
+                                             initialW=chainer.initializers.Zero())
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad_width is not None:
+            x = F.pad(x, self.pad_width, "constant")
+        return self.act(self.pointwise(self.depthwise(x)))
+
+
+class Upsample(chainer.Link):
+    """nearest: each cell repeated. bilinear: products with (out, in) interpolation matrices per axis, built
+    with half-pixel centres (F.resize_images is not used: on NumPy >= 1.24 it fails on ``numpy.float``)."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size, self.bilinear = layer.spec.size, layer.spec.interpolation == "bilinear"
+        _, h, w = layer.in_shape
+        # Persistents move with the link to the GPU; they are not weights (the tensor index never lists them).
+        self.add_persistent("rows", _bilinear_matrix(h, self.size[0]) if self.bilinear else None)
+        self.add_persistent("cols_t", _bilinear_matrix(w, self.size[1]).T.copy() if self.bilinear else None)
+
+    def forward(self, x):
+        if not self.bilinear:
+            return F.repeat(F.repeat(x, self.size[0], axis=2), self.size[1], axis=3)
+        n, c, h, w = x.shape
+        cols_t, rows = self.cols_t.astype(x.dtype, copy=False), self.rows.astype(x.dtype, copy=False)  # mixed16
+        y = F.matmul(F.reshape(x, (n * c * h, w)), cols_t)  # along W: (N·C·H, OW)
+        y = F.transpose(F.reshape(y, (n, c, h, -1)), (0, 1, 3, 2))  # (N, C, OW, H)
+        ow = y.shape[2]
+        y = F.matmul(F.reshape(y, (n * c * ow, h)), rows.T)  # along H: (N·C·OW, OH)
+        return F.transpose(F.reshape(y, (n, c, ow, -1)), (0, 1, 3, 2))
+
+
+def _bilinear_matrix(n: int, factor: int) -> np.ndarray:
+    """(n·factor, n) float32: output cell i samples (i + 0.5)/factor − 0.5, clamped to [0, n − 1], linearly
+    between its two neighbouring cells."""
+    source = np.maximum((np.arange(n * factor) + 0.5) / factor - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(np.int64), n - 1)
+    high = np.minimum(low + 1, n - 1)
+    frac = source - low
+    matrix = np.zeros((n * factor, n))
+    np.add.at(matrix, (np.arange(n * factor), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(n * factor), high), frac)
+    return matrix.astype(np.float32)
+
+
 class MaxPool(chainer.Link):
     """maxpool without partial windows (cover_all=False); padded cells are -inf."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         self.size, self.stride = layer.spec.size, layer.spec.strides
         symmetric = _symmetric(layer.pads)
@@ -130,15 +226,15 @@ class MaxPool(chainer.Link):
 class AvgPool(chainer.Link):
     """Averages real cells only: Chainer's average (padded zeros over the full window area) times area/count."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         self.size, self.stride = layer.spec.size, layer.spec.strides
-        padded = any(sum(p) for p in layer.pads)
         symmetric = _symmetric(layer.pads)
         self.pad = (layer.pads[0][0], layer.pads[1][0]) if symmetric else (0, 0)
         self.pad_width = None if symmetric else _pad_width(layer.pads)
         # A persistent moves with the link to the GPU; it is not a weight (the tensor index never lists it).
-        self.add_persistent("scale", _real_cell_scale(layer) if padded else None)
+        scale = layer.real_cell_scale()
+        self.add_persistent("scale", None if scale is None else scale[None, None])
 
     def forward(self, x):
         if self.pad_width is not None:
@@ -147,22 +243,10 @@ class AvgPool(chainer.Link):
         return y if self.scale is None else y * F.broadcast_to(self.scale.astype(y.dtype, copy=False), y.shape)
 
 
-def _real_cell_scale(layer: CompiledLayer) -> np.ndarray:
-    """(1, 1, OH, OW) float32: window area / number of real (unpadded) cells in each output's window."""
-    (kh, kw), (sh, sw) = layer.spec.size, layer.spec.strides
-    ones = np.pad(np.ones(layer.in_shape[1:], np.float32), layer.pads)
-    oh, ow = layer.out_shape[1:]
-    counts = np.empty((oh, ow), np.float32)
-    for i in range(oh):
-        for j in range(ow):
-            counts[i, j] = ones[i * sh : i * sh + kh, j * sw : j * sw + kw].sum()
-    return ((kh * kw) / counts).astype(np.float32)[None, None]
-
-
 class Dense(chainer.Chain):
     """dense: L.Linear, whose (out, in) weight is the canonical layout."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__()
         with self.init_scope():
             self.linear = L.Linear(
@@ -178,7 +262,7 @@ class BatchNorm(L.BatchNormalization):
     """Keras's momentum is Chainer's decay (both weigh the old running value); running var is unbiased in both
     Chainer and PyTorch. cuDNN refuses an epsilon below its minimum, so such layers run Chainer's own kernels."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer):
         super().__init__(layer.in_shape[0], decay=layer.spec.momentum, eps=layer.spec.epsilon)
 
     def forward(self, x, **kwargs):
@@ -207,11 +291,11 @@ class Dropout(chainer.Link):
 class Residual(chainer.Chain):
     """activation(body(x) + shortcut(x)); the shortcut is the compiler's 1×1 projection conv, or the identity."""
 
-    def __init__(self, layer: CompiledLayer, noise: "Noise"):
+    def __init__(self, layer: CompiledLayer, ctx: BuildContext):
         super().__init__()
         with self.init_scope():
-            self.body = chainer.ChainList(*[build_layer(child, noise) for child in layer.body])
-            self.shortcut = build_layer(layer.shortcut, noise) if layer.shortcut else None
+            self.body = chainer.ChainList(*[ctx.build(child) for child in layer.body])
+            self.shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):
@@ -229,25 +313,56 @@ def _global_avgpool(x):
     return F.mean(x, axis=(2, 3))
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES; each takes (layer, noise).
+def _global_maxpool(x):
+    return F.max(x, axis=(2, 3))
+
+
+def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = Conv(layer)
+    return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # OIHW: canonical
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = DepthwiseConv(layer)
+    return Built(link, attribute_handles(link.conv, kernel="W", bias="b"))  # (C·m, 1, kh, kw): canonical
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = SeparableConv(layer)
+    return Built(link, {**attribute_handles(link.depthwise, depthwise_kernel="W"),
+                        **attribute_handles(link.pointwise, pointwise_kernel="W", bias="b")})
+
+
+def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = Dense(layer)
+    return Built(link, attribute_handles(link.linear, kernel="W", bias="b"))  # (out, in): canonical
+
+
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    link = BatchNorm(layer)
+    return Built(link, attribute_handles(link, gamma="gamma", beta="beta", moving_mean="avg_mean",
+                                         moving_variance="avg_var"))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(link, tensors);
+# ``ctx.noise`` is the dropout generator.
 BUILDERS = {
-    "conv2d": Conv,
-    "maxpool": MaxPool,
-    "avgpool": AvgPool,
-    "global_avgpool": lambda layer, noise: Fn(_global_avgpool),
-    "flatten": lambda layer, noise: Fn(_flatten),
-    "dense": Dense,
-    "dropout": Dropout,
-    "batchnorm": BatchNorm,
-    "activation": lambda layer, noise: Fn(_activation(layer.spec.fn)),
-    "softmax": lambda layer, noise: Fn(lambda x: x),  # fused into the loss; predictions apply it
-    "residual": Residual,
+    "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
+    "maxpool": lambda layer, ctx: Built(MaxPool(layer)),
+    "avgpool": lambda layer, ctx: Built(AvgPool(layer)),
+    "global_avgpool": lambda layer, ctx: Built(Fn(_global_avgpool)),
+    "global_maxpool": lambda layer, ctx: Built(Fn(_global_maxpool)),
+    "upsample": lambda layer, ctx: Built(Upsample(layer)),
+    "flatten": lambda layer, ctx: Built(Fn(_flatten)),
+    "dense": _dense,
+    "dropout": lambda layer, ctx: Built(Dropout(layer, ctx.noise)),
+    "batchnorm": _batchnorm,
+    "activation": lambda layer, ctx: Built(Fn(_activation(layer.spec.fn))),
+    "softmax": lambda layer, ctx: Built(Fn(lambda x: x)),  # fused into the loss; predictions apply it
+    "residual": lambda layer, ctx: Built(Residual(layer, ctx)),
 }
-
-
-def build_layer(layer: CompiledLayer, noise: "Noise") -> chainer.Link:
-    """The Chainer link for one compiled layer."""
-    return BUILDERS[layer.type](layer, noise)
 
 
 class Noise:
@@ -275,38 +390,14 @@ class Network(chainer.ChainList):
     """The compiled model; ``tensors`` maps canonical names to (link, attribute) holding each array."""
 
     def __init__(self, model: CompiledModel, noise: Noise):
-        super().__init__(*[build_layer(layer, noise) for layer in model.layers])
-        self.tensors = self._index(model)
+        ctx = BuildContext(BUILDERS, noise=noise)
+        super().__init__(*[ctx.build(layer) for layer in model.layers])
+        self.tensors: Dict[str, Tuple[chainer.Link, str]] = ctx.tensors
 
     def forward(self, x):
         for link in self:
             x = link(x)
         return x
-
-    def _index(self, model: CompiledModel) -> Dict[str, Tuple[chainer.Link, str]]:
-        index: Dict[str, Tuple[chainer.Link, str]] = {}
-
-        def visit(layers: List[CompiledLayer], links) -> None:
-            for layer, link in zip(layers, links):
-                if layer.type == "conv2d":
-                    index[f"{layer.name}/kernel"] = (link.conv, "W")  # OIHW: canonical
-                    if layer.spec.bias:
-                        index[f"{layer.name}/bias"] = (link.conv, "b")
-                elif layer.type == "dense":
-                    index[f"{layer.name}/kernel"] = (link.linear, "W")  # (out, in): canonical
-                    if layer.spec.bias:
-                        index[f"{layer.name}/bias"] = (link.linear, "b")
-                elif layer.type == "batchnorm":
-                    for name, attr in (("gamma", "gamma"), ("beta", "beta"), ("moving_mean", "avg_mean"),
-                                       ("moving_variance", "avg_var")):
-                        index[f"{layer.name}/{name}"] = (link, attr)
-                elif layer.type == "residual":
-                    visit(layer.body, link.body)
-                    if layer.shortcut is not None:
-                        visit([layer.shortcut], [link.shortcut])
-
-        visit(model.layers, self)
-        return index
 
     def array(self, name: str):
         """The live array behind a canonical name (a parameter's data or a persistent)."""
@@ -326,21 +417,14 @@ def resolve_device(device):
         return chainer.get_device("@numpy")
     cupy, why = cupy_status()
     count, no_gpu = gpu_count(cupy) if cupy is not None else (0, why)
-    if device.kind == "auto" and count == 0:
-        return chainer.get_device("@numpy")
     if cupy is None:
-        raise UserError(
-            f"device={device.name}: Chainer runs on CUDA GPUs through CuPy, and {why}; {CUDA_EXTRA_HINT}. "
-            "Or use device=cpu"
-        )
-    if count == 0:
-        raise UserError(
-            f"device={device.name}: CuPy {cupy.__version__} sees no usable CUDA GPU ({no_gpu}); "
-            "check the NVIDIA driver (nvidia-smi) or use device=cpu"
-        )
-    index = device.cuda_index
-    if index >= count:
-        raise UserError(f"device=cuda:{index}: only {count} GPU(s) visible to CuPy")
+        why_none = f"Chainer runs on CUDA GPUs through CuPy, and {why}; {CUDA_EXTRA_HINT}. Or use device=cpu"
+    else:
+        why_none = (f"CuPy {cupy.__version__} sees no usable CUDA GPU ({no_gpu}); "
+                    "check the NVIDIA driver (nvidia-smi) or use device=cpu")
+    index = gpu_index(device, count, "CuPy", why_none)
+    if index is None:
+        return chainer.get_device("@numpy")
     with warnings.catch_warnings():
         # "cuDNN is not enabled": said once in the device name ("cuDNN off") instead of as a warning.
         warnings.filterwarnings("ignore", message="cuDNN is not enabled")
@@ -377,6 +461,8 @@ class ChainerRunner:
         self.clip_norm = optimizer.clip_norm
         self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
+        self.communicator = None  # a ChainerMN communicator once this process trains as one rank of several
+        self.loss_weight = 1.0  # then: the factor on this rank's mean loss (cnnrun.distributed.shard.loss_weight)
         self._zero_metrics()
         if self.xp is np:
             self.device_name = "cpu"
@@ -417,12 +503,23 @@ class ChainerRunner:
                 partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
                 loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
-            self.precision.backward(loss, self.optimizer, self.clip_norm)
-            self.optimizer.update()
+            if self.communicator is None:
+                objective = loss
+            else:  # weighted so that the mean over ranks of the gradients is the global batch's mean-loss gradient
+                objective = loss * self.loss_weight
+            self.precision.backward(objective, self.optimizer)
+            self._update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
         self._correct += (logits.array.argmax(axis=1) == t).sum()
         self._count += len(labels)
+
+    def _update(self) -> None:
+        if self.communicator is not None:
+            self.communicator.multi_node_mean_grad(self.net)
+        if self.clip_norm:  # mixed16: the gradients are still scaled, so is the bound
+            self.optimizer.clip_gradients(self.clip_norm * self.precision.loss_scale(self.optimizer))
+        self.optimizer.update()  # mixed16: skips a step whose gradients overflowed, unscales the others
 
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.lr = lr
@@ -444,8 +541,8 @@ class ChainerRunner:
     def get_weights(self) -> Dict[str, np.ndarray]:
         cpu = chainer.backend.CpuDevice()
         # Copies (np.array): on the CPU the live arrays would otherwise change under the caller as training goes on.
-        native = {name: np.array(cpu.send(self._array(name)), np.float32) for name in self.net.tensors}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors},
+                              lambda name: np.array(cpu.send(self._array(name)), np.float32))
 
     def _array(self, name: str):
         """A tensor's float32 values: the optimizer's master copy of a mixed16 parameter, else the array."""
@@ -453,13 +550,14 @@ class ChainerRunner:
         return self.net.array(name) if master is None else master.array
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name in self.net.tensors:
+        def write(name, value):
             target = self.net.array(name)
-            target[...] = self.xp.asarray(native[name]).reshape(target.shape)  # in place: optimizer keeps its refs
+            target[...] = self.xp.asarray(value).reshape(target.shape)  # in place: optimizer keeps its refs
             master = Mixed16.master(self.net.param(name))
             if master is not None:
-                master.array[...] = self.xp.asarray(native[name]).reshape(target.shape)  # what the update reads
+                master.array[...] = self.xp.asarray(value).reshape(target.shape)  # what the update reads
+
+        write_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors}, weights, write)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the dropout generator's draw counter."""
@@ -469,17 +567,16 @@ class ChainerRunner:
             param = self.net.param(name)
             if param is not None and param.update_rule is not None:
                 for slot, value in param.update_rule.export_state().items():
-                    state[f"{name}/{slot}"] = value
+                    state[slot_key(name, slot)] = value
         return state
 
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         if NOISE_STATE in state:
             self.noise.draws = int(state[NOISE_STATE][0])
         self.precision.set_state(self.optimizer, state)
-        for name in self.net.tensors:
+        for name, slots in slots_by_tensor(state, self.net.tensors).items():
             param = self.net.param(name)
-            slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
-            if param is not None and slots:
+            if param is not None:
                 param.update_rule.import_state(slots, param)
 
 

@@ -41,13 +41,15 @@ class Mixed16:
         """Float32 logits for the softmax cross-entropy."""
         return F.cast(logits, np.float32) if self.enabled else logits
 
-    def backward(self, loss, optimizer, clip_norm) -> None:
-        """Gradients of the (scaled) loss, clipped by their true norm; ``optimizer.update()`` unscales them."""
+    def backward(self, loss, optimizer) -> None:
+        """Gradients of the loss, times the dynamic loss scale under mixed16; ``optimizer.update()`` checks them
+        for overflow and unscales them (after the ranks' gradients are averaged, when training on several)."""
+        loss.backward(loss_scale=optimizer._loss_scale if self.enabled else None)
+
+    def loss_scale(self, optimizer) -> float:
+        """The factor the gradients carry from :meth:`backward` to ``optimizer.update()``."""
         # Chainer keeps the dynamic scale in ``_loss_scale`` and reads it there itself (Optimizer.update(lossfun)).
-        scale = optimizer._loss_scale if self.enabled else None
-        loss.backward(loss_scale=scale)
-        if clip_norm:
-            optimizer.clip_gradients(clip_norm * (scale or 1.0))  # the scaled gradients against a scaled bound
+        return float(optimizer._loss_scale) if self.enabled else 1.0
 
     @staticmethod
     def master(param):

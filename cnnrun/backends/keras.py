@@ -30,19 +30,31 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
+from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    assign_reshaped,
+    read_canonical,
+    slots_by_tensor,
+    write_canonical,
+)
 from cnnrun.errors import UserError, one_of
-from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
+from cnnrun.spec.shapes import real_cell_scale
 
-LAYOUT = CHANNELS_LAST
+LAYOUT = BACKENDS["keras"].layout  # CHANNELS_LAST
 KERAS_BACKENDS = ("tensorflow", "torch")
 # cnnrun's own KERAS_HOME, read while Keras imports: its keras.json holds Keras's defaults, so a user's
 # keras.json (channels_first, float16, another epsilon, or a value Keras refuses) never applies.
 OWN_KERAS_HOME = Path(__file__).with_name("keras_home")
 # The settings cnnrun's Keras network assumes, pinned again when Keras was imported before cnnrun's import.
 PINNED_CONFIG = {"image_data_format": "channels_last", "floatx": "float32", "epsilon": 1e-7}
+# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
+# count), set by a data-parallel engine (cnnrun.distributed, see set_batch_moments); None: this process's batch.
+_batch_moments: Optional[Callable] = None
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -92,6 +104,11 @@ def _pinned(keras):
     return keras
 
 
+def set_batch_moments(moments: Optional[Callable]) -> None:
+    global _batch_moments
+    _batch_moments = moments
+
+
 def _keras():
     keras = sys.modules.get("keras")
     if keras is None:
@@ -110,10 +127,14 @@ def framework_version() -> str:
 # --------------------------------------------------------------------------------------------------- layers
 
 
-def _real_cell_counts(n: int, kernel: int, stride: int, before: int, out: int) -> np.ndarray:
-    """How many of each window's cells along one axis are real (not padding)."""
-    starts = np.arange(out) * stride - before
-    return np.minimum(starts + kernel, n) - np.maximum(starts, 0)
+# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
+# count), set by a data-parallel engine (cnnrun.distributed); None: this process's batch alone.
+_batch_moments: Optional[Callable] = None
+
+
+def set_batch_moments(moments: Optional[Callable]) -> None:
+    global _batch_moments
+    _batch_moments = moments
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,6 +153,10 @@ def custom_layers() -> SimpleNamespace:
     @register
     def leaky_relu(x):
         return keras.activations.leaky_relu(x, negative_slope=LEAKY_RELU_SLOPE)
+
+    @register
+    def gelu(x):
+        return keras.activations.gelu(x, approximate=False)  # stated: the exact form, never the tanh one
 
     @register
     class ConstantPadding2D(keras.layers.Layer):
@@ -163,11 +188,8 @@ def custom_layers() -> SimpleNamespace:
             self.size, self.strides, self.in_hw = tuple(size), tuple(strides), tuple(in_hw)
             (top, bottom), (left, right) = pads
             self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
-            out = [(n + sum(p) - k) // s + 1 for n, p, k, s in zip(in_hw, pads, self.size, self.strides)]
-            rows = _real_cell_counts(in_hw[0], self.size[0], self.strides[0], top, out[0])
-            cols = _real_cell_counts(in_hw[1], self.size[1], self.strides[1], left, out[1])
-            scale = (self.size[0] * self.size[1]) / np.outer(rows, cols)
-            self.scale = scale.reshape(1, out[0], out[1], 1).astype(np.float32)  # a constant, not a weight
+            scale = real_cell_scale(self.in_hw, self.size, self.strides, pads)
+            self.scale = scale[None, :, :, None]  # a constant, not a weight
 
         def get_config(self):
             return {**super().get_config(), "size": self.size, "strides": self.strides, "pads": self.paddings[1:3],
@@ -196,9 +218,12 @@ def custom_layers() -> SimpleNamespace:
         def call(self, inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             if training and self.trainable:
-                mean = ops.mean(x, axis=self._reduction_axes)
-                variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
-                n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
+                if _batch_moments is not None:  # statistics over every rank's rows (trainer.sync_batchnorm)
+                    mean, variance, n = _batch_moments(x, self._reduction_axes)
+                else:
+                    mean = ops.mean(x, axis=self._reduction_axes)
+                    variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
+                    n = ops.cast(ops.size(x), "float32") / float(x.shape[-1])
                 unbiased = variance * n / ops.maximum(n - 1.0, 1.0)
                 keep = self.momentum
                 self.moving_mean.assign(self.moving_mean * keep + mean * (1.0 - keep))
@@ -229,6 +254,7 @@ def custom_layers() -> SimpleNamespace:
         TakeFeatures=TakeFeatures,
         elu=elu,
         leaky_relu=leaky_relu,
+        gelu=gelu,
     )
 
 
@@ -242,135 +268,159 @@ def activation_fn(name: str) -> Optional[Callable]:
         "sigmoid": acts.sigmoid,
         "elu": custom.elu,
         "leaky_relu": custom.leaky_relu,
+        "relu6": acts.relu6,
+        "gelu": custom.gelu,
+        "swish": acts.silu,
+        "hard_swish": acts.hard_swish,  # Keras 3: x·relu6(x + 3)/6, MobileNetV3's
     }[name]
 
 
-class Builder:
-    """Wires Keras layers for compiled layers and records each weight under its canonical name."""
-
-    def __init__(self, seed: int):
-        self.keras = _keras()
-        self.custom = custom_layers()
-        self.seed = seed
-        self.tensors: Dict[str, object] = {}  # canonical name → Keras variable
-        self.trainable_names: List[str] = []
-        self.seed_generators: Dict[str, object] = {}  # canonical dropout name → its keras SeedGenerator
-
-    def register(self, layer: CompiledLayer, **variables) -> None:
-        for param, var in variables.items():
-            if var is None:
-                continue
-            name = f"{layer.name}/{param}"
-            self.tensors[name] = var
-            if var.trainable:
-                self.trainable_names.append(name)
-
-    def build(self, layer: CompiledLayer, x):
-        return BUILDERS[layer.type](self, layer, x)
-
-    @staticmethod
-    def keras_name(layer: CompiledLayer, suffix: str = "") -> str:
-        return layer.name.replace("/", "__") + suffix  # Keras names cannot contain '/'
+def keras_name(layer: CompiledLayer, suffix: str = "") -> str:
+    return layer.name.replace("/", "__") + suffix  # Keras names cannot contain '/'
 
 
 def _has_pads(layer: CompiledLayer) -> bool:
     return any(sum(p) for p in layer.pads)
 
 
-def _conv(b: Builder, layer: CompiledLayer, x):
+def _zero_padded(layer: CompiledLayer, ctx: BuildContext, x):
+    """x with the layer's compiled padding applied, for a window layer that then runs with padding='valid'."""
+    if _has_pads(layer):
+        x = ctx.keras.layers.ZeroPadding2D(layer.pads, name=keras_name(layer, "__pad"))(x)
+    return x
+
+
+def _conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
-    if spec.padding == "same":
+    if spec.padding == "same" and spec.dilation == (1, 1):
         padding = "same"  # Keras's 'same' is TensorFlow's rule on both backends (tests/backends checks it)
     else:
-        if _has_pads(layer):
-            x = b.keras.layers.ZeroPadding2D(layer.pads, name=b.keras_name(layer, "__pad"))(x)
-        padding = "valid"
-    conv = b.keras.layers.Conv2D(
-        spec.filters, spec.kernel, strides=spec.stride, padding=padding, activation=activation_fn(spec.activation),
-        use_bias=spec.bias, name=b.keras_name(layer),
+        x, padding = _zero_padded(layer, ctx, x), "valid"
+    conv = ctx.keras.layers.Conv2D(
+        spec.filters, spec.kernel, strides=spec.stride, padding=padding, dilation_rate=spec.dilation,
+        groups=spec.groups, activation=activation_fn(spec.activation), use_bias=spec.bias, name=keras_name(layer),
     )
     y = conv(x)
-    b.register(layer, kernel=conv.kernel, bias=conv.bias if spec.bias else None)
-    return y
+    return Built(y, {"kernel": conv.kernel, **({"bias": conv.bias} if spec.bias else {})})
 
 
-def _maxpool(b: Builder, layer: CompiledLayer, x):
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    spec = layer.spec
+    conv = ctx.keras.layers.DepthwiseConv2D(
+        spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=keras_name(layer),
+    )
+    y = conv(_zero_padded(layer, ctx, x))
+    return Built(y, {"kernel": conv.kernel, **({"bias": conv.bias} if spec.bias else {})})
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    spec = layer.spec
+    conv = ctx.keras.layers.SeparableConv2D(
+        spec.filters, spec.kernel, strides=spec.stride, padding="valid", depth_multiplier=spec.depth_multiplier,
+        dilation_rate=spec.dilation, activation=activation_fn(spec.activation), use_bias=spec.bias,
+        name=keras_name(layer),
+    )
+    y = conv(_zero_padded(layer, ctx, x))
+    return Built(y, {"depthwise_kernel": conv.depthwise_kernel, "pointwise_kernel": conv.pointwise_kernel,
+                     **({"bias": conv.bias} if spec.bias else {})})
+
+
+def _upsample(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    # Keras resizes with half-pixel centres on both backends (tf.image.resize; torch's align_corners=False).
+    spec = layer.spec
+    return Built(ctx.keras.layers.UpSampling2D(spec.size, interpolation=spec.interpolation,
+                                               name=keras_name(layer))(x))
+
+
+def _maxpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
     if _has_pads(layer):
-        x = b.custom.ConstantPadding2D(layer.pads, -math.inf, name=b.keras_name(layer, "__pad"))(x)
-    return b.keras.layers.MaxPooling2D(spec.size, spec.strides, padding="valid", name=b.keras_name(layer))(x)
+        x = ctx.custom.ConstantPadding2D(layer.pads, -math.inf, name=keras_name(layer, "__pad"))(x)
+    return Built(ctx.keras.layers.MaxPooling2D(spec.size, spec.strides, padding="valid", name=keras_name(layer))(x))
 
 
-def _avgpool(b: Builder, layer: CompiledLayer, x):
+def _avgpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
     if _has_pads(layer):
-        pool = b.custom.RealCellAveragePooling2D(
-            spec.size, spec.strides, layer.pads, layer.in_shape[1:], name=b.keras_name(layer)
+        pool = ctx.custom.RealCellAveragePooling2D(
+            spec.size, spec.strides, layer.pads, layer.in_shape[1:], name=keras_name(layer)
         )
-        return pool(x)
-    return b.keras.layers.AveragePooling2D(spec.size, spec.strides, padding="valid", name=b.keras_name(layer))(x)
+        return Built(pool(x))
+    return Built(ctx.keras.layers.AveragePooling2D(spec.size, spec.strides, padding="valid",
+                                                   name=keras_name(layer))(x))
 
 
-def _global_avgpool(b: Builder, layer: CompiledLayer, x):
-    return b.keras.layers.GlobalAveragePooling2D(name=b.keras_name(layer))(x)
+def _global_avgpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    return Built(ctx.keras.layers.GlobalAveragePooling2D(name=keras_name(layer))(x))
 
 
-def _flatten(b: Builder, layer: CompiledLayer, x):
+def _global_maxpool(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    return Built(ctx.keras.layers.GlobalMaxPooling2D(name=keras_name(layer))(x))
+
+
+def _flatten(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     # H·W·C order; cnnrun.layout permutes the weights of the dense/batchnorm that follows.
-    return b.keras.layers.Flatten(name=b.keras_name(layer))(x)
+    return Built(ctx.keras.layers.Flatten(name=keras_name(layer))(x))
 
 
-def _dense(b: Builder, layer: CompiledLayer, x):
+def _dense(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
-    dense = b.keras.layers.Dense(
-        spec.units, activation=activation_fn(spec.activation), use_bias=spec.bias, name=b.keras_name(layer)
+    dense = ctx.keras.layers.Dense(
+        spec.units, activation=activation_fn(spec.activation), use_bias=spec.bias, name=keras_name(layer)
     )
     y = dense(x)
-    b.register(layer, kernel=dense.kernel, bias=dense.bias if spec.bias else None)
-    return y
+    return Built(y, {"kernel": dense.kernel, **({"bias": dense.bias} if spec.bias else {})})
 
 
-def _dropout(b: Builder, layer: CompiledLayer, x):
-    b.seed += 1  # one seeded stream per dropout layer
-    dropout = b.keras.layers.Dropout(layer.spec.rate, seed=b.seed, name=b.keras_name(layer))
+def _dropout(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    ctx.seed += 1  # one seeded stream per dropout layer
+    dropout = ctx.keras.layers.Dropout(layer.spec.rate, seed=ctx.seed, name=keras_name(layer))
     if getattr(dropout, "seed_generator", None) is not None:  # Keras makes none for rate 0
-        b.seed_generators[layer.name] = dropout.seed_generator
-    return dropout(x)
+        ctx.seed_generators[layer.name] = dropout.seed_generator
+    return Built(dropout(x))
 
 
-def _batchnorm(b: Builder, layer: CompiledLayer, x):
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     spec = layer.spec
-    bn = b.custom.BatchNormalization(axis=-1, momentum=spec.momentum, epsilon=spec.epsilon, name=b.keras_name(layer))
+    bn = ctx.custom.BatchNormalization(axis=-1, momentum=spec.momentum, epsilon=spec.epsilon, name=keras_name(layer))
     y = bn(x)
-    b.register(layer, gamma=bn.gamma, beta=bn.beta, moving_mean=bn.moving_mean, moving_variance=bn.moving_variance)
-    return y
+    return Built(y, {"gamma": bn.gamma, "beta": bn.beta, "moving_mean": bn.moving_mean,
+                     "moving_variance": bn.moving_variance})
 
 
-def _activation(b: Builder, layer: CompiledLayer, x):
+def _activation(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     fn = activation_fn(layer.spec.fn)
-    return x if fn is None else b.keras.layers.Activation(fn, name=b.keras_name(layer))(x)
+    return Built(x if fn is None else ctx.keras.layers.Activation(fn, name=keras_name(layer))(x))
 
 
-def _softmax(b: Builder, layer: CompiledLayer, x):
-    return x  # fused into the loss; predictions apply it
+def _softmax(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
+    return Built(x)  # fused into the loss; predictions apply it
 
 
-def _residual(b: Builder, layer: CompiledLayer, x):
+def _residual(layer: CompiledLayer, ctx: BuildContext, x) -> Built:
     y = x
     for child in layer.body:
-        y = b.build(child, y)
-    shortcut = b.build(layer.shortcut, x) if layer.shortcut else x
-    y = b.keras.layers.Add(name=b.keras_name(layer, "__add"))([y, shortcut])
+        y = ctx.build(child, y)
+    shortcut = ctx.build(layer.shortcut, x) if layer.shortcut else x
+    y = ctx.keras.layers.Add(name=keras_name(layer, "__add"))([y, shortcut])
     fn = activation_fn(layer.spec.activation)
-    return y if fn is None else b.keras.layers.Activation(fn, name=b.keras_name(layer))(y)
+    return Built(y if fn is None else ctx.keras.layers.Activation(fn, name=keras_name(layer))(y))
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (builder, layer, input tensor) → output tensor.
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx, input tensor) → Built(output
+# tensor, Keras variables by tensor name). ``ctx`` holds ``keras``, ``custom`` (custom_layers()), the dropout
+# ``seed`` and ``seed_generators``.
 BUILDERS = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _maxpool,
     "avgpool": _avgpool,
     "global_avgpool": _global_avgpool,
+    "global_maxpool": _global_maxpool,
+    "upsample": _upsample,
     "flatten": _flatten,
     "dense": _dense,
     "dropout": _dropout,
@@ -381,26 +431,27 @@ BUILDERS = {
 }
 
 
-def build_model(model: CompiledModel, seed: int) -> Tuple[object, Builder]:
-    """The compiled model as a functional ``keras.Model`` taking normalised (N, H, W, C) float32 images."""
-    b = Builder(seed)
+def build_model(model: CompiledModel, seed: int) -> Tuple[object, BuildContext]:
+    """The compiled model as a functional ``keras.Model`` taking normalised (N, H, W, C) float32 images, and the
+    build context (``tensors``: Keras variables by canonical name; ``trainable``; ``seed_generators``)."""
+    ctx = BuildContext(BUILDERS, keras=_keras(), custom=custom_layers(), seed=seed, seed_generators={})
     c, h, w = model.input_shape
-    inputs = b.keras.Input(shape=(h, w, c), name="images")
+    inputs = ctx.keras.Input(shape=(h, w, c), name="images")
     x = inputs
     for layer in model.layers:
-        x = b.build(layer, x)
+        x = ctx.build(layer, x)
     perm = flatten_permutation(model)
     if perm is not None:
-        x = b.custom.TakeFeatures(perm, name="canonical_order")(x)
-    return b.keras.Model(inputs, x, name=model.name), b
+        x = ctx.custom.TakeFeatures(perm, name="canonical_order")(x)
+    return ctx.keras.Model(inputs, x, name=model.name), ctx
 
 
-def random_state(builder: Builder) -> Dict[str, np.ndarray]:
+def random_state(builder: BuildContext) -> Dict[str, np.ndarray]:
     """The dropout layers' seed-generator states, so that a resumed run draws the masks it would have drawn."""
     return {f"rng/keras/{name}": np.asarray(gen.state.numpy()) for name, gen in builder.seed_generators.items()}
 
 
-def set_random_state(builder: Builder, state: Dict[str, np.ndarray]) -> None:
+def set_random_state(builder: BuildContext, state: Dict[str, np.ndarray]) -> None:
     """Restore what :func:`random_state` returned (generators it does not mention are left alone)."""
     for name, gen in builder.seed_generators.items():
         key = f"rng/keras/{name}"
@@ -437,9 +488,9 @@ def dtype_policy(precision: str):
 class _TensorFlowVariables:
     """The Keras model's tf.Variables in the shape :class:`cnnrun.backends.tensorflow.TensorFlowRunner` uses."""
 
-    def __init__(self, builder: Builder):
+    def __init__(self, builder: BuildContext):
         self.by_name = {name: var.value for name, var in builder.tensors.items()}
-        self.trainable_names = list(builder.trainable_names)
+        self.trainable_names = list(builder.trainable)
         self.trainable = [self.by_name[name] for name in self.trainable_names]
 
 
@@ -450,7 +501,7 @@ class KerasTensorFlowNetwork:
         self.keras_model, self.builder = build_model(model, seed)
         self.variables = _TensorFlowVariables(self.builder)
         for name, var in self.variables.by_name.items():
-            var.assign(initial[name])
+            assign_reshaped(var, initial[name])
 
     def random_state(self) -> Dict[str, np.ndarray]:
         return random_state(self.builder)
@@ -505,7 +556,7 @@ class KerasTorchRunner:
         # The dtype policy casts the layers; this scales the fp16 loss (its autocast is not used).
         self.precision = MixedPrecision(precision, self.device)
         self.tensors = self.builder.tensors
-        self.trainable_names = self.builder.trainable_names
+        self.trainable_names = self.builder.trainable
         self.set_weights(initial_weights(model, seed))
         shape = (1, 1, 1, len(mean))
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
@@ -560,13 +611,10 @@ class KerasTorchRunner:
         return logits.float().cpu().numpy()
 
     def get_weights(self) -> Dict[str, np.ndarray]:
-        native = {name: var.value.detach().cpu().numpy() for name, var in self.tensors.items()}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, self.tensors, lambda var: var.value.detach().cpu().numpy())
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name, var in self.tensors.items():
-            var.assign(native[name])
+        write_canonical(self.model, LAYOUT, self.tensors, weights, assign_reshaped)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """torch.optim's slots under PyTorch's names, converted to canonical layout (as the torch backend's)."""
@@ -586,11 +634,9 @@ class KerasTorchRunner:
         torch = self.torch
         set_random_state(self.builder, state)
         self.precision.set_state(state)
-        trainable = set(self.trainable_names)
         by_slot: Dict[str, Dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            name, slot = key.rsplit("/", 1)
-            if name in trainable:
+        for name, slots in slots_by_tensor(state, self.trainable_names).items():
+            for slot, value in slots.items():
                 by_slot.setdefault(slot, {})[name] = value
         native = {
             slot: values if slot == "step" else from_canonical(self.model, values, LAYOUT)

@@ -19,13 +19,21 @@ import re
 import sys
 import tempfile
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import mean_metrics
-from cnnrun.errors import UserError
-from cnnrun.layout import CHANNELS_LAST, flatten_permutation, from_canonical, to_canonical
+from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    assign_reshaped,
+    read_canonical,
+    slot_key,
+    write_canonical,
+)
+from cnnrun.backends.devices import gpu_index
+from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -86,7 +94,7 @@ from cnnrun.backends.tensorflow_precision import (  # noqa: E402  (needs TensorF
     COMPUTE_DTYPES, LossScale, in_float32, reads_in,
 )
 
-LAYOUT = CHANNELS_LAST
+LAYOUT = BACKENDS["tensorflow"].layout  # CHANNELS_LAST
 Op = Callable[[tf.Tensor, bool], tf.Tensor]
 
 
@@ -100,22 +108,19 @@ def framework_version() -> str:
 
 def resolve_device(device) -> Tuple[str, str]:
     """cpu / cuda / cuda:N / auto → (TensorFlow device string, readable name), or a UserError saying why not."""
-    if device.kind == "cpu" or (device.kind == "auto" and not GPUS):
+    cuda = "with" if tf.test.is_built_with_cuda() else "without"
+    index = gpu_index(device, len(GPUS), "TensorFlow", f"TensorFlow {tf.__version__} (built {cuda} CUDA) sees no "
+                                                       "usable GPU; use device=cpu or device=auto")
+    if index is None:
         return "/CPU:0", "cpu"
-    if not GPUS:
-        cuda = "with" if tf.test.is_built_with_cuda() else "without"
-        raise UserError(
-            f"device={device.name}: TensorFlow {tf.__version__} (built {cuda} CUDA) sees no usable GPU; "
-            "use device=cpu or device=auto"
-        )
-    index = device.cuda_index
-    if index >= len(GPUS):
-        raise UserError(f"device=cuda:{index}: TensorFlow sees only {len(GPUS)} GPU(s)")
     # TensorFlow runs float32 convolutions and matmuls in TF32 on Ampere and newer GPUs unless told not to; IEEE
     # float32 keeps its outputs equal to the other frameworks' (torch's framework.tf32 is the opt-in there).
     tf.config.experimental.enable_tensor_float_32_execution(False)
     details = tf.config.experimental.get_device_details(GPUS[index])
-    return f"/GPU:{index}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
+    # TensorFlow numbers the GPUs it was allowed to use (a data-parallel rank is allowed only its own one).
+    visible = tf.config.get_visible_devices("GPU")
+    logical = visible.index(GPUS[index]) if GPUS[index] in visible else index
+    return f"/GPU:{logical}", f"cuda:{index} ({details.get('device_name', 'GPU')})"
 
 
 def configure_threads(threads: Optional[int]) -> None:
@@ -148,26 +153,39 @@ ACTIVATIONS: Dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
     "sigmoid": tf.sigmoid,
     "elu": _elu,
     "leaky_relu": lambda x: tf.nn.leaky_relu(x, alpha=LEAKY_RELU_SLOPE),
+    "relu6": tf.nn.relu6,
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),  # the exact erf form
+    "swish": tf.nn.silu,
+    "hard_swish": lambda x: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),  # TensorFlow has no op of its own
 }
 
 
 class Variables:
-    """The model's tf.Variables by canonical name, created from initial values already in NHWC layout."""
+    """The model's tf.Variables by canonical name (``by_name``) and its trainable ones, in build order."""
 
-    def __init__(self, initial: Dict[str, np.ndarray], compute_dtype=tf.float32):
-        self.initial = initial
-        self.compute_dtype = compute_dtype  # what convolutions and dense layers read their weights in
-        self.by_name: Dict[str, tf.Variable] = {}
-        self.trainable: List[tf.Variable] = []
-        self.trainable_names: List[str] = []
+    def __init__(self, ctx: BuildContext):
+        self.by_name: Dict[str, tf.Variable] = dict(ctx.tensors)
+        self.trainable_names: List[str] = list(ctx.trainable)
+        self.trainable: List[tf.Variable] = [self.by_name[name] for name in self.trainable_names]
 
-    def add(self, name: str, trainable: bool = True) -> tf.Variable:
-        var = tf.Variable(self.initial[name], trainable=trainable, name=name.replace("/", "__"))
-        self.by_name[name] = var
-        if trainable:
-            self.trainable.append(var)
-            self.trainable_names.append(name)
-        return reads_in(var, name, self.compute_dtype)
+
+def _variables(layer: CompiledLayer, ctx: BuildContext, *params: str, shapes=None) -> Dict[str, tf.Variable]:
+    """tf.Variables for ``params`` of ``layer``, from ``ctx.initial`` (already in NHWC layout; reshaped to
+    ``shapes[param]`` where TensorFlow holds a tensor in another shape, e.g. a depthwise kernel); states (running
+    statistics) are not trainable."""
+    shapes = shapes or {}
+    return {
+        param: tf.Variable(np.reshape(ctx.initial[f"{layer.name}/{param}"], shapes.get(param, -1))
+                           if param in shapes else ctx.initial[f"{layer.name}/{param}"],
+                           trainable=param in layer.weights, name=f"{layer.name}/{param}".replace("/", "__"))
+        for param in params
+    }
+
+
+def _compute_reads(ctx: BuildContext, tensors: Dict[str, tf.Variable]) -> Dict[str, Any]:
+    """What a layer's ops hold for its ``tensors``: each variable, or its view in the compute dtype (kernels and
+    biases under bf16/fp16, see :mod:`cnnrun.backends.tensorflow_precision`)."""
+    return {param: reads_in(var, param, ctx.compute_dtype) for param, var in tensors.items()}
 
 
 def _explicit_pads(layer: CompiledLayer) -> List[List[int]]:
@@ -186,20 +204,83 @@ def _conv_padding(layer: CompiledLayer):
     return _explicit_pads(layer) if _has_pads(layer) else "VALID"
 
 
-def _conv(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    """conv2d; with groups, its (kh, kw, C/groups, filters) kernel makes tf.nn.conv2d a grouped convolution."""
     spec = layer.spec
-    kernel = variables.add(f"{layer.name}/kernel")
-    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    tensors = _variables(layer, ctx, *layer.weights)
+    reads = _compute_reads(ctx, tensors)
+    kernel, bias = reads["kernel"], reads.get("bias")
     strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
+    dilations = (1, *spec.dilation, 1)
 
     def conv(x, training):
-        y = tf.nn.conv2d(x, kernel, strides, padding)
+        y = tf.nn.conv2d(x, kernel, strides, padding, dilations=dilations)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
-    return conv
+    return Built(conv, tensors)
 
 
-def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _padded_depthwise(layer: CompiledLayer, kernel) -> Op:
+    """tf.nn.depthwise_conv2d after explicit zero padding (its dilated form takes 'SAME'/'VALID' only)."""
+    spec = layer.spec
+    pads = _explicit_pads(layer) if _has_pads(layer) else None
+    strides = (1, *spec.stride, 1)
+
+    def depthwise(x, training):
+        if pads is not None:
+            x = tf.pad(x, pads)
+        return tf.nn.depthwise_conv2d(x, kernel, strides, "VALID", dilations=spec.dilation)
+
+    return depthwise
+
+
+def _depthwise_shape(layer: CompiledLayer) -> Tuple[int, ...]:
+    """tf.nn.depthwise_conv2d's kernel (kh, kw, C, multiplier): HWIO (kh, kw, 1, C·multiplier) reshaped."""
+    return (*layer.spec.kernel, layer.in_shape[0], layer.spec.depth_multiplier)
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    spec = layer.spec
+    tensors = _variables(layer, ctx, *layer.weights, shapes={"kernel": _depthwise_shape(layer)})
+    reads = _compute_reads(ctx, tensors)
+    depthwise, bias = _padded_depthwise(layer, reads["kernel"]), reads.get("bias")
+    act = ACTIVATIONS[spec.activation]
+
+    def depthwise_conv(x, training):
+        y = depthwise(x, training)
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return Built(depthwise_conv, tensors)
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    """Depthwise, then the 1×1 pointwise conv with the layer's bias and activation (Keras's SeparableConv2D)."""
+    spec = layer.spec
+    tensors = _variables(layer, ctx, *layer.weights, shapes={"depthwise_kernel": _depthwise_shape(layer)})
+    reads = _compute_reads(ctx, tensors)
+    depthwise = _padded_depthwise(layer, reads["depthwise_kernel"])
+    pointwise, bias = reads["pointwise_kernel"], reads.get("bias")
+    act = ACTIVATIONS[spec.activation]
+
+    def separable_conv(x, training):
+        y = tf.nn.conv2d(depthwise(x, training), pointwise, 1, "VALID")
+        return act(tf.nn.bias_add(y, bias) if bias is not None else y)
+
+    return Built(separable_conv, tensors)
+
+
+def _upsample(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    """bilinear: tf.image.resize (TensorFlow 2's half-pixel centres); nearest: each cell repeated (the same
+    numbers as resize's nearest, and its gradient compiles under XLA, ResizeNearestNeighborGrad does not)."""
+    spec = layer.spec
+    if spec.interpolation == "bilinear":
+        size = tuple(layer.out_shape[1:])
+        return lambda x, training: tf.image.resize(x, size, method="bilinear")
+    rows, cols = spec.size
+    return lambda x, training: tf.repeat(tf.repeat(x, rows, axis=1), cols, axis=2)
+
+
+def _maxpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     spec = layer.spec
     ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
     if spec.padding == "same" or not _has_pads(layer):
@@ -210,7 +291,7 @@ def _maxpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
     return lambda x, training: tf.nn.max_pool2d(tf.pad(x, pads, constant_values=-math.inf), ksize, strides, "VALID")
 
 
-def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     spec = layer.spec
     ksize, strides = (1, *spec.size, 1), (1, *spec.strides, 1)
     if spec.padding == "same" or not _has_pads(layer):
@@ -219,35 +300,39 @@ def _avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
         return lambda x, training: tf.nn.avg_pool2d(x, ksize, strides, padding)
     # Explicit int padding: average over zero-padded windows, then rescale each window by k / (its real cells).
     pads = _explicit_pads(layer)
-    ones = tf.pad(tf.ones((1, *layer.in_shape[1:], 1)), pads)
-    scale = tf.constant(1.0 / tf.nn.avg_pool2d(ones, ksize, strides, "VALID").numpy())
+    scale = tf.constant(layer.real_cell_scale()[None, :, :, None])
     return lambda x, training: tf.nn.avg_pool2d(tf.pad(x, pads), ksize, strides, "VALID") * scale
 
 
-def _global_avgpool(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _global_avgpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
     return lambda x, training: tf.reduce_mean(x, axis=(1, 2))
 
 
-def _flatten(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _global_maxpool(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    return lambda x, training: tf.reduce_max(x, axis=(1, 2))
+
+
+def _flatten(layer: CompiledLayer, ctx: BuildContext) -> Op:
     # NHWC flattens in H·W·C order; cnnrun.layout permutes the weights of the dense/batchnorm that follows.
     size = int(np.prod(layer.out_shape))
     return lambda x, training: tf.reshape(x, (-1, size))
 
 
-def _dense(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     spec = layer.spec
-    kernel = variables.add(f"{layer.name}/kernel")
-    bias = variables.add(f"{layer.name}/bias") if spec.bias else None
+    tensors = _variables(layer, ctx, *layer.weights)
+    reads = _compute_reads(ctx, tensors)
+    kernel, bias = reads["kernel"], reads.get("bias")
     act = ACTIVATIONS[spec.activation]
 
     def dense(x, training):
         y = tf.matmul(x, kernel)
         return act(tf.nn.bias_add(y, bias) if bias is not None else y)
 
-    return dense
+    return Built(dense, tensors)
 
 
-def _dropout(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _dropout(layer: CompiledLayer, ctx: BuildContext) -> Op:
     rate = layer.spec.rate
     if rate == 0.0:
         return lambda x, training: x
@@ -255,17 +340,16 @@ def _dropout(layer: CompiledLayer, variables: Variables, rng) -> Op:
     def dropout(x, training):
         if not training:
             return x
-        keep = rng.uniform(tf.shape(x)) >= rate  # the runner's seeded generator: same masks for the same seed
+        keep = ctx.rng.uniform(tf.shape(x)) >= rate  # the runner's seeded generator: same masks for the same seed
         return tf.where(keep, x * (1.0 / (1.0 - rate)), tf.zeros_like(x))
 
     return dropout
 
 
-def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    name, spec = layer.name, layer.spec
-    gamma, beta = variables.add(f"{name}/gamma"), variables.add(f"{name}/beta")
-    mean_var = variables.add(f"{name}/moving_mean", trainable=False)
-    var_var = variables.add(f"{name}/moving_variance", trainable=False)
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    spec = layer.spec
+    tensors = _variables(layer, ctx, "gamma", "beta", "moving_mean", "moving_variance")
+    gamma, beta, mean_var, var_var = tensors.values()
     keep = spec.momentum  # Keras's convention: running = keep·running + (1 - keep)·batch
     feature_map = len(layer.in_shape) == 3
 
@@ -285,29 +369,45 @@ def _batchnorm(layer: CompiledLayer, variables: Variables, rng) -> Op:
 
     def normalise(x, training, axes):
         if training:
-            mean, variance = tf.nn.moments(x, axes=axes)  # the mean of squared deviations: no cancellation
-            n = tf.cast(tf.size(x) // tf.size(mean), x.dtype)
+            mean, variance, n = batch_moments(x, axes, ctx.sync_batchnorm)
             update(mean, variance * n / tf.maximum(n - 1.0, 1.0))  # unbiased, as PyTorch
         else:
             mean, variance = mean_var, var_var
         # (x - mean)·s, not tf.nn.batch_normalization's x·s - mean·s, which cancels when |mean| ≫ spread.
         return (x - mean) * (gamma * tf.math.rsqrt(variance + spec.epsilon)) + beta
 
-    return batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0]))
+    return Built(batchnorm_map if feature_map else (lambda x, training: normalise(x, training, axes=[0])), tensors)
 
 
-def _activation(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def batch_moments(x: tf.Tensor, axes: List[int], synced: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(mean, biased variance, count) of ``x`` over ``axes``: of this replica's batch, or with ``synced`` of the
+    global batch across every replica of a tf.distribute strategy (SyncBatchNorm; shards may differ in size).
+
+    Both are means of exact sums and squared deviations, so the synced statistics equal one process's on the
+    whole batch up to the order of additions."""
+    if not synced:
+        mean, variance = tf.nn.moments(x, axes=axes)  # the mean of squared deviations: no cancellation
+        return mean, variance, tf.cast(tf.size(x) // tf.size(mean), x.dtype)
+    replicas = tf.distribute.get_replica_context()
+    count = tf.cast(tf.size(x) // x.shape[-1], x.dtype)
+    total, count = replicas.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(x, axis=axes), count])
+    mean = total / count
+    squares = replicas.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axis=axes))
+    return mean, squares / count, count
+
+
+def _activation(layer: CompiledLayer, ctx: BuildContext) -> Op:
     act = ACTIVATIONS[layer.spec.fn]
     return lambda x, training: act(x)
 
 
-def _identity(layer: CompiledLayer, variables: Variables, rng) -> Op:
+def _identity(layer: CompiledLayer, ctx: BuildContext) -> Op:
     return lambda x, training: x
 
 
-def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    body = [build_layer(child, variables, rng) for child in layer.body]
-    shortcut = build_layer(layer.shortcut, variables, rng) if layer.shortcut else None
+def _residual(layer: CompiledLayer, ctx: BuildContext) -> Op:
+    body = [ctx.build(child) for child in layer.body]
+    shortcut = ctx.build(layer.shortcut) if layer.shortcut else None
     act = ACTIVATIONS[layer.spec.activation]
 
     def residual(x, training):
@@ -319,25 +419,38 @@ def _residual(layer: CompiledLayer, variables: Variables, rng) -> Op:
     return residual
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, variables, rng) → op(x, training).
-BUILDERS: Dict[str, Callable[[CompiledLayer, Variables, "tf.random.Generator"], Op]] = {
+def _op(builder: Callable[[CompiledLayer, BuildContext], Op]) -> Callable[[CompiledLayer, BuildContext], Built]:
+    """A builder of a layer without tensors, from a function that makes its op."""
+    return lambda layer, ctx: Built(builder(layer, ctx))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(op, tensors) with
+# op(x, training) → y. ``ctx.initial`` holds the initial values (NHWC), ``ctx.rng`` the dropout generator.
+BUILDERS: Dict[str, Callable[[CompiledLayer, BuildContext], Built]] = {
     "conv2d": _conv,
-    "maxpool": _maxpool,
-    "avgpool": _avgpool,
-    "global_avgpool": _global_avgpool,
-    "flatten": _flatten,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
+    "maxpool": _op(_maxpool),
+    "avgpool": _op(_avgpool),
+    "global_avgpool": _op(_global_avgpool),
+    "global_maxpool": _op(_global_maxpool),
+    "upsample": _op(_upsample),
+    "flatten": _op(_flatten),
     "dense": _dense,
-    "dropout": _dropout,
+    "dropout": _op(_dropout),
     "batchnorm": _batchnorm,
-    "activation": _activation,
-    "softmax": _identity,  # fused into the loss; predictions apply it
-    "residual": _residual,
+    "activation": _op(_activation),
+    "softmax": _op(_identity),  # fused into the loss; predictions apply it
+    "residual": _op(_residual),
 }
 
 
-def build_layer(layer: CompiledLayer, variables: Variables, rng) -> Op:
-    """The op for one compiled layer (its variables are added to ``variables``)."""
-    return in_float32(BUILDERS[layer.type](layer, variables, rng), layer.type, variables.compute_dtype)
+class _Context(BuildContext):
+    """The shared BuildContext; with bf16/fp16, the layer types that compute in float32 get their input cast up
+    and their output back (``in_float32``), residual children included."""
+
+    def build(self, layer: CompiledLayer, *inputs: Any) -> Op:
+        return in_float32(super().build(layer, *inputs), layer.type, self.compute_dtype)
 
 
 class Network:
@@ -345,10 +458,17 @@ class Network:
 
     def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int, compute_dtype=tf.float32):
         self.rng = tf.random.Generator.from_seed(seed)
-        self.variables = Variables(initial, compute_dtype)
-        self.ops = [build_layer(layer, self.variables, self.rng) for layer in model.layers]
+        # sync_batchnorm: batchnorm statistics over every replica's shard (read when a training step is traced).
+        self._ctx = ctx = _Context(BUILDERS, initial=initial, rng=self.rng, sync_batchnorm=False,
+                                   compute_dtype=compute_dtype)
+        self.ops = [ctx.build(layer) for layer in model.layers]
+        self.variables = Variables(ctx)
         perm = flatten_permutation(model)
         self.output_perm = None if perm is None else tf.constant(perm)
+
+    def synchronise_batchnorm(self) -> None:
+        """Batchnorm layers take their training statistics over every replica of a tf.distribute strategy."""
+        self._ctx.sync_batchnorm = True
 
     def random_state(self) -> Dict[str, np.ndarray]:
         """The dropout generator's state, so that a resumed run draws the masks it would have drawn."""
@@ -483,40 +603,40 @@ def optimizer_state(model: CompiledModel, optimizer, names: List[str]) -> Dict[s
     state: Dict[str, np.ndarray] = {}
     for slot in optimizer.SLOTS:
         native = {name: slots[slot].numpy() for name, slots in zip(names, optimizer.slots)}
-        state.update({f"{name}/{slot}": value for name, value in to_canonical(model, native, LAYOUT).items()})
+        state.update({slot_key(name, slot): value for name, value in to_canonical(model, native, LAYOUT).items()})
     if optimizer.step is not None:
         step = np.asarray(optimizer.step.numpy(), np.float32)
-        state.update({f"{name}/step": step.copy() for name in names})
+        state.update({slot_key(name, "step"): step.copy() for name in names})
     return state
 
 
 def set_optimizer_state(model: CompiledModel, optimizer, names: List[str], state: Dict[str, np.ndarray]) -> None:
     """Restore what :func:`optimizer_state` returned (missing slots keep their current values)."""
-    steps = [state[f"{name}/step"] for name in names if f"{name}/step" in state]
+    steps = [state[slot_key(name, "step")] for name in names if slot_key(name, "step") in state]
     if steps and optimizer.step is not None:
         optimizer.step.assign(float(np.asarray(steps[0]).reshape(())))
     for slot in optimizer.SLOTS:
-        canonical = {name: state[f"{name}/{slot}"] for name in names if f"{name}/{slot}" in state}
+        canonical = {name: state[slot_key(name, slot)] for name in names if slot_key(name, slot) in state}
         native = from_canonical(model, canonical, LAYOUT)
         for name, slots in zip(names, optimizer.slots):
             if name in native:
-                slots[slot].assign(native[name])
+                assign_reshaped(slots[slot], native[name])
 
 
 # --------------------------------------------------------------------------------------------------- runner
 
 
-def sparse_cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
-    """Mean softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
+def cross_entropies(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Each sample's softmax cross-entropy of logits against integer labels (the softmax layer is fused in here).
 
     With label smoothing ε, PyTorch's definition: (1-ε)·(-log p_label) + ε·mean over classes of (-log p).
     """
     if not label_smoothing:
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     log_p = tf.nn.log_softmax(logits)
     nll = -tf.gather(log_p, labels, axis=1, batch_dims=1)
     uniform = -tf.reduce_mean(log_p, axis=1)
-    return tf.reduce_mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
+    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
 class TensorFlowRunner:
@@ -551,38 +671,64 @@ class TensorFlowRunner:
             self._loss_sum = tf.Variable(0.0, trainable=False)
             self._correct = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._count = 0
-        c, h, w = model.input_shape
+        self.jit = bool(options.jit_compile)
+        self.strategy = None  # a tf.distribute strategy once this process trains as one replica of several
+        self.global_batch: Optional[int] = None  # then: the size of the global batch the next step's is a shard of
+        self._compile()
+
+    def _compile(self) -> None:
+        c, h, w = self.model.input_shape
         images = tf.TensorSpec((None, h, w, c), tf.uint8)
         labels = tf.TensorSpec((None,), tf.int64)
+        scalar = tf.TensorSpec((), tf.float32)
         # Fixed signatures: one trace serves every batch size, the last short batch included.
-        jit = bool(options.jit_compile)
-        self._train = tf.function(self._train_step, input_signature=[images, labels], jit_compile=jit)
+        jit = self.jit
+        step = self._train_step if self.strategy is None else self._replica_step
+        self._train = tf.function(step, input_signature=[images, labels, scalar], jit_compile=jit)
         # Mixup/cutmix batches: their own trace (partner labels and λ), so plain batches pay nothing for them.
-        lam = tf.TensorSpec((), tf.float32)
-        self._train_mixed = tf.function(self._train_step, input_signature=[images, labels, labels, lam],
+        self._train_mixed = tf.function(step, input_signature=[images, labels, scalar, labels, scalar],
                                         jit_compile=jit)
         self._predict = tf.function(self.logits, input_signature=[images], jit_compile=jit)
+
+    def distribute(self, strategy) -> None:
+        """Train as one replica of ``strategy`` (one per worker process): each step all-reduces the gradients.
+        The variables stay this process's own; every replica starts from the same ones and applies the same
+        summed gradients, so they stay equal."""
+        self.strategy = strategy
+        self._compile()
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
         return tf.cast((tf.cast(images, tf.float32) - self.mean) * self.inv_std, self.compute_dtype)
 
-    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, partners=None, lam=None) -> None:
+    def _replica_step(self, *args) -> None:
+        self.strategy.run(self._train_step, args=args)
+
+    def _train_step(self, images: tf.Tensor, labels: tf.Tensor, total: tf.Tensor, partners=None, lam=None) -> None:
+        """One step on this process's images. ``total``: the samples of the global batch these are a shard of;
+        the objective is their summed loss over ``total``, so the gradients summed over every shard are the
+        gradient of the global batch's mean loss."""
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
             logits = tf.cast(self.net(self._inputs(images), training=True), tf.float32)  # the loss in float32
-            loss = sparse_cross_entropy(labels, logits, self.label_smoothing)
+            loss_sum = tf.reduce_sum(cross_entropies(labels, logits, self.label_smoothing))
             if partners is not None:
-                loss = lam * loss + (1.0 - lam) * sparse_cross_entropy(partners, logits, self.label_smoothing)
-            scaled = loss if self.loss_scale is None else loss * self.loss_scale.scale
+                partner_sum = tf.reduce_sum(cross_entropies(partners, logits, self.label_smoothing))
+                loss_sum = lam * loss_sum + (1.0 - lam) * partner_sum
+            objective = loss_sum / total
+            scaled = objective if self.loss_scale is None else objective * self.loss_scale.scale
         grads = tape.gradient(scaled, variables)
+        if self.strategy is not None:
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         if self.loss_scale is None:
             self._apply(grads, variables)
         else:
+            # Unscaled after the all-reduce: every replica sees the same sums, so all skip the same overflowed
+            # steps and keep the same scale.
             grads, finite = self.loss_scale.unscale(grads)
             if finite:  # a tf.cond: an overflowed fp16 step changes nothing but the scale
                 self._apply(grads, variables)
             self.loss_scale.update(finite)
-        self._loss_sum.assign_add(loss * tf.cast(tf.shape(labels)[0], tf.float32))
+        self._loss_sum.assign_add(loss_sum)
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
     def _apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
@@ -596,11 +742,12 @@ class TensorFlowRunner:
         return tf.cast(self.net(self._inputs(images), training=False), tf.float32)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+        total = np.float32(len(labels) if self.global_batch is None else self.global_batch)
         with tf.device(self.device):
             if mix is None:
-                self._train(images, labels.astype(np.int64, copy=False))
+                self._train(images, labels.astype(np.int64, copy=False), total)
             else:
-                self._train_mixed(images, labels.astype(np.int64, copy=False),
+                self._train_mixed(images, labels.astype(np.int64, copy=False), total,
                                   mix.partner_labels.astype(np.int64, copy=False), np.float32(mix.lam))
         self._count += len(labels)
 
@@ -623,13 +770,10 @@ class TensorFlowRunner:
             return self._predict(images).numpy().astype(np.float32, copy=False)
 
     def get_weights(self) -> Dict[str, np.ndarray]:
-        native = {name: var.numpy() for name, var in self.net.variables.by_name.items()}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, self.net.variables.by_name, lambda var: var.numpy())
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name, var in self.net.variables.by_name.items():
-            var.assign(native[name])
+        write_canonical(self.model, LAYOUT, self.net.variables.by_name, weights, assign_reshaped)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""

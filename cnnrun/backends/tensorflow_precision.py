@@ -19,11 +19,13 @@ from cnnrun.precision import INITIAL_LOSS_SCALE, LOSS_SCALE_GROWTH_INTERVAL
 
 COMPUTE_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
-# The tensors ops multiply with in the compute dtype; batchnorm's gamma, beta and running statistics stay float32.
-CAST_ON_READ = ("kernel", "bias")
+# The tensors ops multiply with in the compute dtype (conv2d, dense, depthwise and separable convs); batchnorm's
+# gamma, beta and running statistics stay float32.
+CAST_ON_READ = ("kernel", "bias", "depthwise_kernel", "pointwise_kernel")
 # Layers computed in float32 whatever the precision: batchnorm (batch statistics and running averages would lose
-# their small updates in 8 or 11 mantissa bits) and average pooling (its real-cell scale is a float32 constant).
-FLOAT32_LAYERS = ("batchnorm", "avgpool")
+# their small updates in 8 or 11 mantissa bits), average pooling (its real-cell scale is a float32 constant) and
+# upsampling (tf.image.resize's bilinear mode returns float32 whatever it is given).
+FLOAT32_LAYERS = ("batchnorm", "avgpool", "upsample")
 
 
 class CastOnRead:
@@ -42,9 +44,10 @@ def _read_cast(value: CastOnRead, dtype=None, name=None, as_ref=False) -> tf.Ten
 tf.register_tensor_conversion_function(CastOnRead, _read_cast)
 
 
-def reads_in(variable: tf.Variable, name: str, dtype: tf.DType):
-    """What an op should hold for canonical tensor ``name``: the variable, or a low-precision view of it."""
-    if dtype == tf.float32 or name.rsplit("/", 1)[1] not in CAST_ON_READ:
+def reads_in(variable: tf.Variable, param: str, dtype: tf.DType):
+    """What an op should hold for a layer's tensor ``param`` (its name in the spec, e.g. ``kernel``): the
+    variable, or a low-precision view of it."""
+    if dtype == tf.float32 or param not in CAST_ON_READ:
         return variable
     return CastOnRead(variable, dtype)
 

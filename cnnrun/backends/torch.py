@@ -10,13 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnrun.backends import mean_metrics
-from cnnrun.errors import UserError
-from cnnrun.layout import CHANNELS_FIRST, from_canonical, to_canonical
+from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends.building import (
+    BuildContext,
+    Built,
+    attribute_handles,
+    read_canonical,
+    slot_key,
+    slots_by_tensor,
+    write_canonical,
+)
+from cnnrun.backends.devices import gpu_index
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
-LAYOUT = CHANNELS_FIRST
+LAYOUT = BACKENDS["torch"].layout  # CHANNELS_FIRST
 
 
 def framework_version() -> str:
@@ -31,6 +39,10 @@ def _activation(name: str) -> nn.Module:
         "sigmoid": nn.Sigmoid,
         "elu": lambda: nn.ELU(alpha=ELU_ALPHA),
         "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
+        "relu6": nn.ReLU6,
+        "gelu": lambda: nn.GELU(approximate="none"),  # the exact erf form
+        "swish": nn.SiLU,
+        "hard_swish": nn.Hardswish,  # x·relu6(x + 3)/6
     }[name]()
 
 
@@ -39,28 +51,73 @@ def _torch_pad(pads) -> Tuple[int, int, int, int]:
     return (left, right, top, bottom)
 
 
+def _conv2d(layer: CompiledLayer, out_channels: int, groups: int, bias: bool) -> Tuple[nn.Conv2d, object]:
+    """The layer's window as an nn.Conv2d, and the F.pad amounts to apply before it (None when it pads itself).
+
+    nn.Conv2d pads symmetrically; uneven 'same' padding (TF puts the extra cell after) is applied by F.pad.
+    """
+    spec = layer.spec
+    (top, bottom), (left, right) = layer.pads
+    symmetric = top == bottom and left == right
+    conv = nn.Conv2d(layer.in_shape[0], out_channels, spec.kernel, stride=spec.stride,
+                     padding=(top, left) if symmetric else 0, dilation=spec.dilation, groups=groups, bias=bias)
+    return conv, None if symmetric else _torch_pad(layer.pads)
+
+
 class Conv(nn.Module):
     def __init__(self, layer: CompiledLayer):
         super().__init__()
         spec = layer.spec
-        (top, bottom), (left, right) = layer.pads
-        symmetric = top == bottom and left == right
-        # nn.Conv2d pads symmetrically; uneven 'same' padding (TF puts the extra cell after) is applied by F.pad.
-        self.pad = None if symmetric else _torch_pad(layer.pads)
-        self.conv = nn.Conv2d(
-            layer.in_shape[0],
-            spec.filters,
-            spec.kernel,
-            stride=spec.stride,
-            padding=(top, left) if symmetric else 0,
-            bias=spec.bias,
-        )
+        self.conv, self.pad = _conv2d(layer, spec.filters, spec.groups, spec.bias)
         self.act = _activation(spec.activation)
 
     def forward(self, x):
         if self.pad is not None:
             x = F.pad(x, self.pad)
         return self.act(self.conv(x))
+
+
+class DepthwiseConv(Conv):
+    """A conv with one group per input channel: torch's weight (C·m, 1, kh, kw) is the canonical kernel."""
+
+    def __init__(self, layer: CompiledLayer):
+        nn.Module.__init__(self)
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        self.conv, self.pad = _conv2d(layer, channels * spec.depth_multiplier, channels, spec.bias)
+        self.act = _activation(spec.activation)
+
+
+class SeparableConv(nn.Module):
+    """Depthwise (no bias) then a 1×1 conv with the layer's bias and activation."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        spec = layer.spec
+        channels = layer.in_shape[0]
+        middle = channels * spec.depth_multiplier
+        self.depthwise, self.pad = _conv2d(layer, middle, channels, bias=False)
+        self.pointwise = nn.Conv2d(middle, spec.filters, 1, bias=spec.bias)
+        self.act = _activation(spec.activation)
+
+    def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.act(self.pointwise(self.depthwise(x)))
+
+
+class Upsample(nn.Module):
+    """nearest: each cell repeated; bilinear: half-pixel centres, which is torch's align_corners=False."""
+
+    def __init__(self, layer: CompiledLayer):
+        super().__init__()
+        self.size = tuple(layer.out_shape[1:])
+        self.mode = layer.spec.interpolation
+
+    def forward(self, x):
+        if self.mode == "nearest":  # source cell ⌊(i + 0.5) / factor⌋ = ⌊i / factor⌋, far from rounding edges
+            return F.interpolate(x, size=self.size, mode="nearest-exact")
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
 
 
 class MaxPool(nn.Module):
@@ -83,9 +140,8 @@ class AvgPool(nn.Module):
         self.size, self.stride = layer.spec.size, layer.spec.strides
         self.pad = _torch_pad(layer.pads) if any(sum(p) for p in layer.pads) else None
         if self.pad is not None:
-            ones = F.pad(torch.ones(1, 1, *layer.in_shape[1:]), self.pad)
-            counts = F.avg_pool2d(ones, self.size, self.stride) * (self.size[0] * self.size[1])
-            self.register_buffer("scale", (self.size[0] * self.size[1]) / counts, persistent=False)
+            scale = torch.from_numpy(layer.real_cell_scale())[None, None]
+            self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, x):
         if self.pad is None:
@@ -98,6 +154,11 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class GlobalMaxPool(nn.Module):
+    def forward(self, x):
+        return x.amax(dim=(2, 3))
+
+
 class Dense(nn.Module):
     def __init__(self, layer: CompiledLayer):
         super().__init__()
@@ -108,50 +169,78 @@ class Dense(nn.Module):
         return self.act(self.linear(x))
 
 
-def _batchnorm(layer: CompiledLayer) -> nn.Module:
+def batchnorm(layer: CompiledLayer) -> nn.Module:
     cls = nn.BatchNorm2d if len(layer.in_shape) == 3 else nn.BatchNorm1d
     # cnnrun's momentum is Keras's (weight of the old running value); torch's is the weight of the new batch.
     return cls(layer.in_shape[0], eps=layer.spec.epsilon, momentum=1.0 - layer.spec.momentum)
 
 
 class Residual(nn.Module):
-    def __init__(self, layer: CompiledLayer):
+    def __init__(self, layer: CompiledLayer, ctx: BuildContext):
         super().__init__()
-        self.body = nn.Sequential(*[build_layer(child) for child in layer.body])
-        self.shortcut = build_layer(layer.shortcut) if layer.shortcut else nn.Identity()
+        self.body = nn.Sequential(*[ctx.build(child) for child in layer.body])
+        self.shortcut = ctx.build(layer.shortcut) if layer.shortcut else nn.Identity()
         self.act = _activation(layer.spec.activation)
 
     def forward(self, x):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES.
+def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = Conv(layer)
+    return Built(module, attribute_handles(module.conv, kernel="weight", bias="bias"))  # OIHW: canonical
+
+
+def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = DepthwiseConv(layer)
+    return Built(module, attribute_handles(module.conv, kernel="weight", bias="bias"))  # (C·m, 1, kh, kw): canonical
+
+
+def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = SeparableConv(layer)
+    return Built(module, {**attribute_handles(module.depthwise, depthwise_kernel="weight"),
+                          **attribute_handles(module.pointwise, pointwise_kernel="weight", bias="bias")})
+
+
+def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = Dense(layer)
+    return Built(module, attribute_handles(module.linear, kernel="weight", bias="bias"))  # (out, in): canonical
+
+
+def _batchnorm(layer: CompiledLayer, ctx: BuildContext) -> Built:
+    module = batchnorm(layer)
+    return Built(module, attribute_handles(module, gamma="weight", beta="bias", moving_mean="running_mean",
+                                  moving_variance="running_var"))
+
+
+# One builder per layer type, keyed like cnnrun.spec.LAYER_TYPES: (layer, ctx) → Built(module, tensors).
 BUILDERS = {
-    "conv2d": Conv,
-    "maxpool": MaxPool,
-    "avgpool": AvgPool,
-    "global_avgpool": lambda layer: GlobalAvgPool(),
-    "flatten": lambda layer: nn.Flatten(),  # NCHW → C·H·W order, the canonical one
-    "dense": Dense,
-    "dropout": lambda layer: nn.Dropout(layer.spec.rate),
+    "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
+    "maxpool": lambda layer, ctx: Built(MaxPool(layer)),
+    "avgpool": lambda layer, ctx: Built(AvgPool(layer)),
+    "global_avgpool": lambda layer, ctx: Built(GlobalAvgPool()),
+    "global_maxpool": lambda layer, ctx: Built(GlobalMaxPool()),
+    "upsample": lambda layer, ctx: Built(Upsample(layer)),
+    "flatten": lambda layer, ctx: Built(nn.Flatten()),  # NCHW → C·H·W order, the canonical one
+    "dense": _dense,
+    "dropout": lambda layer, ctx: Built(nn.Dropout(layer.spec.rate)),
     "batchnorm": _batchnorm,
-    "activation": lambda layer: _activation(layer.spec.fn),
-    "softmax": lambda layer: nn.Identity(),  # fused into the loss; predictions apply it
-    "residual": Residual,
+    "activation": lambda layer, ctx: Built(_activation(layer.spec.fn)),
+    "softmax": lambda layer, ctx: Built(nn.Identity()),  # fused into the loss; predictions apply it
+    "residual": lambda layer, ctx: Built(Residual(layer, ctx)),
 }
 
 
-def build_layer(layer: CompiledLayer) -> nn.Module:
-    return BUILDERS[layer.type](layer)
-
-
 class Network(nn.Module):
-    """The compiled model; ``modules_by_name`` maps canonical layer names to their parameter-holding modules."""
+    """The compiled model; :attr:`tensors` maps canonical tensor names to the torch tensors holding them."""
 
     def __init__(self, model: CompiledModel):
         super().__init__()
-        self.layers = nn.Sequential(*[build_layer(layer) for layer in model.layers])
-        self._slots = self._index(model)
+        ctx = BuildContext(BUILDERS)
+        self.layers = nn.Sequential(*[ctx.build(layer) for layer in model.layers])
+        self._slots: Dict[str, Tuple[nn.Module, str]] = ctx.tensors
 
     def forward(self, x):
         return self.layers(x)
@@ -165,47 +254,14 @@ class Network(nn.Module):
         """
         return {name: getattr(module, attribute) for name, (module, attribute) in self._slots.items()}
 
-    def _index(self, model: CompiledModel) -> Dict[str, Tuple[nn.Module, str]]:
-        """canonical tensor name → (the module, the attribute name) of the torch parameter or buffer holding it."""
-        index: Dict[str, Tuple[nn.Module, str]] = {}
-
-        def visit(layers: List[CompiledLayer], modules) -> None:
-            for layer, module in zip(layers, modules):
-                if layer.type == "conv2d":
-                    index[f"{layer.name}/kernel"] = (module.conv, "weight")
-                    if module.conv.bias is not None:
-                        index[f"{layer.name}/bias"] = (module.conv, "bias")
-                elif layer.type == "dense":
-                    index[f"{layer.name}/kernel"] = (module.linear, "weight")
-                    if module.linear.bias is not None:
-                        index[f"{layer.name}/bias"] = (module.linear, "bias")
-                elif layer.type == "batchnorm":
-                    index[f"{layer.name}/gamma"] = (module, "weight")
-                    index[f"{layer.name}/beta"] = (module, "bias")
-                    index[f"{layer.name}/moving_mean"] = (module, "running_mean")
-                    index[f"{layer.name}/moving_variance"] = (module, "running_var")
-                elif layer.type == "residual":
-                    visit(layer.body, module.body)
-                    if layer.shortcut is not None:
-                        visit([layer.shortcut], [module.shortcut])
-
-        visit(model.layers, self.layers)
-        return index
-
 
 def resolve_device(device) -> torch.device:
     """cpu / cuda / cuda:N / auto → a torch.device that really works, or a UserError that says why not."""
-    if device.kind == "cpu" or (device.kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"device={device.name}: PyTorch sees no usable CUDA GPU (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda or 'none'}); use device=cpu or device=auto"
-        )
-    index = device.cuda_index
-    if index >= torch.cuda.device_count():
-        raise UserError(f"device=cuda:{index}: only {torch.cuda.device_count()} GPU(s) visible")
-    return torch.device("cuda", index)
+    usable = torch.cuda.is_available()
+    index = gpu_index(device, torch.cuda.device_count() if usable else 0, "PyTorch",
+                      f"PyTorch sees no usable CUDA GPU (torch {torch.__version__}, "
+                      f"built with CUDA {torch.version.cuda or 'none'}); use device=cpu or device=auto")
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -355,14 +411,12 @@ class TorchRunner:
         return logits.float().cpu().numpy()
 
     def get_weights(self) -> Dict[str, np.ndarray]:
-        native = {name: t.detach().cpu().numpy() for name, t in self.net.tensors.items()}
-        return to_canonical(self.model, native, LAYOUT)
+        return read_canonical(self.model, LAYOUT, self.net.tensors, lambda t: t.detach().cpu().numpy())
 
     @torch.no_grad()
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        native = from_canonical(self.model, weights, LAYOUT)
-        for name, tensor in self.net.tensors.items():
-            tensor.copy_(torch.from_numpy(native[name]).reshape(tensor.shape))
+        write_canonical(self.model, LAYOUT, self.net.tensors, weights,
+                        lambda tensor, value: tensor.copy_(torch.from_numpy(value).reshape(tensor.shape)))
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the RNG states that drive dropout."""
@@ -372,7 +426,7 @@ class TorchRunner:
             state["rng/torch_cuda"] = torch.cuda.get_rng_state(self.device).numpy()
         for param, slots in self.optimizer.state.items():
             for slot, value in slots.items():
-                state[f"{names[id(param)]}/{slot}"] = value.detach().cpu().numpy()
+                state[slot_key(names[id(param)], slot)] = value.detach().cpu().numpy()
         state.update(self.precision.state())
         return state
 
@@ -383,10 +437,10 @@ class TorchRunner:
         if "rng/torch_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(torch.from_numpy(state["rng/torch_cuda"].copy()), self.device)
         self.precision.set_state(state)
-        for name, param in self.net.tensors.items():
-            slots = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.rsplit("/", 1)[0] == name}
-            if slots:
-                self.optimizer.state[param] = {slot: self._slot_tensor(param, v) for slot, v in slots.items()}
+        tensors = self.net.tensors
+        for name, slots in slots_by_tensor(state, tensors).items():
+            param = tensors[name]
+            self.optimizer.state[param] = {slot: self._slot_tensor(param, v) for slot, v in slots.items()}
 
     def _slot_tensor(self, param: torch.Tensor, value: np.ndarray) -> torch.Tensor:
         """A restored optimizer slot; those shaped like the parameter share its memory format (fused kernels

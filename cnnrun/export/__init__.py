@@ -40,11 +40,6 @@ FORMATS: Dict[str, ExportFormat] = {
 }
 
 
-# The packages a format module imports, and the install that provides each.
-FORMAT_PACKAGES = {"onnx": "cnnrun[onnx]", "torch": "cnnrun[torch]", "tensorflow": "cnnrun[tensorflow]",
-                   "keras": "cnnrun[keras]"}
-
-
 def check_format_name(name: str) -> str:
     """For the config's field validator: a known format name, or a message with the close match."""
     if name not in FORMATS:
@@ -108,11 +103,14 @@ def write(format_name: str, ckpt, model, path: Path, options) -> Path:
     try:
         module = importlib.import_module(FORMATS[format_name].module)
     except ModuleNotFoundError as err:
+        from cnnrun.backends import BACKENDS
+
         package = (err.name or "").split(".")[0]
-        if package not in FORMAT_PACKAGES:
+        if package not in {"onnx", *(info.package for info in BACKENDS.values())}:
             raise
+        extra = FORMATS[format_name].framework or "onnx"  # each framework's install extra bears its name
         raise UserError(f"export.format={format_name} needs the {package} package, which is not installed; "
-                        f"pip install '{FORMAT_PACKAGES[package]}'") from None
+                        f"pip install 'cnnrun[{extra}]'") from None
     return write_atomically(path, lambda tmp: module.write(ckpt, model, tmp, options))
 
 

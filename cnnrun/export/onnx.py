@@ -71,6 +71,19 @@ def _activation(g: GraphBuilder, fn: str, x: str, name: str) -> str:
         return g.node("Elu", [x], f"{name}/elu", alpha=ELU_ALPHA)
     if fn == "leaky_relu":
         return g.node("LeakyRelu", [x], f"{name}/leaky_relu", alpha=LEAKY_RELU_SLOPE)
+    if fn == "relu6":
+        zero, six = g.constant(f"{name}/zero", np.float32(0.0)), g.constant(f"{name}/six", np.float32(6.0))
+        return g.node("Clip", [x, zero, six], f"{name}/relu6")
+    if fn == "gelu":  # opset 17 has no Gelu: x·(1 + erf(x/√2))/2 written out
+        scaled = g.node("Mul", [x, g.constant(f"{name}/inv_sqrt2", np.float32(1.0 / np.sqrt(2.0)))], f"{name}/gelu_in")
+        one_plus = g.node("Add", [g.node("Erf", [scaled], f"{name}/erf"), g.constant(f"{name}/one", np.float32(1.0))],
+                          f"{name}/gelu_cdf")
+        half_x = g.node("Mul", [x, g.constant(f"{name}/half", np.float32(0.5))], f"{name}/half_x")
+        return g.node("Mul", [half_x, one_plus], f"{name}/gelu")
+    if fn == "swish":
+        return g.node("Mul", [x, g.node("Sigmoid", [x], f"{name}/sigmoid")], f"{name}/swish")
+    if fn == "hard_swish":
+        return g.node("HardSwish", [x], f"{name}/hard_swish")  # x·max(0, min(1, x/6 + 1/2)) = x·relu6(x + 3)/6
     op = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid"}[fn]
     return g.node(op, [x], f"{name}/{fn}")
 
@@ -80,12 +93,43 @@ def _onnx_pads(layer: CompiledLayer) -> List[int]:
     return [top, left, bottom, right]  # ONNX: all starts, then all ends
 
 
+def _window_conv(g: GraphBuilder, layer: CompiledLayer, x: str, kernel: str, bias: bool, group: int,
+                 name: str) -> str:
+    """An ONNX Conv over the layer's window (its kernel in canonical layout is ONNX's (M, C/group, kh, kw))."""
+    spec = layer.spec
+    inputs = [x, g.weight(layer, kernel)] + ([g.weight(layer, "bias")] if bias else [])
+    return g.node("Conv", inputs, name, kernel_shape=list(spec.kernel), strides=list(spec.stride),
+                  dilations=list(spec.dilation), pads=_onnx_pads(layer), group=group)
+
+
 def _conv(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
     spec = layer.spec
-    inputs = [x, g.weight(layer, "kernel")] + ([g.weight(layer, "bias")] if spec.bias else [])
-    y = g.node("Conv", inputs, layer.name, kernel_shape=list(spec.kernel), strides=list(spec.stride),
-               pads=_onnx_pads(layer))
+    y = _window_conv(g, layer, x, "kernel", spec.bias, spec.groups, layer.name)
     return _activation(g, spec.activation, y, layer.name)
+
+
+def _depthwise_conv(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
+    spec = layer.spec
+    y = _window_conv(g, layer, x, "kernel", spec.bias, layer.in_shape[0], layer.name)
+    return _activation(g, spec.activation, y, layer.name)
+
+
+def _separable_conv(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
+    spec = layer.spec
+    middle = _window_conv(g, layer, x, "depthwise_kernel", False, layer.in_shape[0], f"{layer.name}/depthwise")
+    inputs = [middle, g.weight(layer, "pointwise_kernel")] + ([g.weight(layer, "bias")] if spec.bias else [])
+    y = g.node("Conv", inputs, layer.name, kernel_shape=[1, 1])
+    return _activation(g, spec.activation, y, layer.name)
+
+
+def _upsample(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
+    """Resize by the integer factors: nearest takes cell ⌊i / factor⌋ ('asymmetric', 'floor'); bilinear uses
+    half-pixel centres, clamped at the edges, as every backend."""
+    scales = g.constant(f"{layer.name}/scales", np.array([1.0, 1.0, *layer.spec.size], np.float32))
+    if layer.spec.interpolation == "nearest":
+        return g.node("Resize", [x, "", scales], layer.name, mode="nearest",
+                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    return g.node("Resize", [x, "", scales], layer.name, mode="linear", coordinate_transformation_mode="half_pixel")
 
 
 def _maxpool(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
@@ -103,6 +147,11 @@ def _avgpool(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
 
 def _global_avgpool(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
     pooled = g.node("GlobalAveragePool", [x], f"{layer.name}/pool")
+    return g.node("Flatten", [pooled], layer.name, axis=1)
+
+
+def _global_maxpool(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
+    pooled = g.node("GlobalMaxPool", [x], f"{layer.name}/pool")
     return g.node("Flatten", [pooled], layer.name, axis=1)
 
 
@@ -147,9 +196,13 @@ def _identity(g: GraphBuilder, layer: CompiledLayer, x: str) -> str:
 # separate ``probabilities`` output, so ``logits`` stay the pre-softmax values every runner predicts.
 BUILDERS: Dict[str, Callable[[GraphBuilder, CompiledLayer, str], str]] = {
     "conv2d": _conv,
+    "depthwise_conv2d": _depthwise_conv,
+    "separable_conv2d": _separable_conv,
     "maxpool": _maxpool,
     "avgpool": _avgpool,
     "global_avgpool": _global_avgpool,
+    "global_maxpool": _global_maxpool,
+    "upsample": _upsample,
     "flatten": _flatten,
     "dense": _dense,
     "dropout": _identity,

@@ -17,13 +17,15 @@ from cnnrun.spec.layers import (
     RESIDUAL_BODY_TYPES,
     AnyLayer,
     Conv2D,
+    Flatten,
     LayerSpec,
     Residual,
     Shape,
     ShapeProblem,
+    Tensor,
     _Window,
 )
-from cnnrun.spec.shapes import pad_amounts
+from cnnrun.spec.shapes import pad_amounts, real_cell_scale
 from cnnrun.spec.validation import problems_from
 
 
@@ -50,7 +52,8 @@ class CompiledLayer:
     flops: int = 0
     # Explicit zero/-inf padding ((top, bottom), (left, right)) for windows; None for other layers.
     pads: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None
-    # For a dense or batchnorm fed by a flatten: the C×H×W it was flattened from (NHWC backends permute it).
+    # For a layer with tensors along its input features (dense, batchnorm) fed by a flatten: the C×H×W it was
+    # flattened from (channels-last backends permute those tensors' I axis, see cnnrun.layout).
     flattened_from: Optional[Shape] = None
     body: List["CompiledLayer"] = field(default_factory=list)
     shortcut: Optional["CompiledLayer"] = None
@@ -68,6 +71,19 @@ class CompiledLayer:
     @property
     def total_flops(self) -> int:
         return self.flops + sum(child.total_flops for child in self.children())
+
+    @property
+    def tensors(self) -> Dict[str, Tensor]:
+        """Each of this layer's tensors (weights, then states) by name → its canonical axes and initialisation."""
+        return {name: self.spec.tensor(name) for name in (*self.weights, *self.states)}
+
+    def real_cell_scale(self):
+        """For a padded window layer: its :func:`~cnnrun.spec.shapes.real_cell_scale` ((OH, OW) float32), the
+        factor that turns an average over zero-padded windows into one over real cells; None when unpadded."""
+        if self.pads is None or not any(sum(p) for p in self.pads):
+            return None
+        size, strides = self.spec._window()
+        return real_cell_scale(self.in_shape[1:], size, strides, self.pads)
 
     def children(self) -> List["CompiledLayer"]:
         return self.body + ([self.shortcut] if self.shortcut else [])
@@ -206,13 +222,13 @@ def _compile_list(
             return compiled
         if layer is None:
             return compiled
-        if spec.type == "flatten" and len(shape) == 3:
+        if isinstance(spec, Flatten) and len(shape) == 3:
             flattened_from = shape
-        elif spec.type in ("dense", "batchnorm") and flattened_from is not None:
-            layer.flattened_from = flattened_from
-            flattened_from = None if spec.type == "dense" else flattened_from
-        elif spec.type not in ("dropout", "activation"):
-            flattened_from = None
+        elif flattened_from is not None:
+            if any("I" in tensor.axes for tensor in layer.tensors.values()):
+                layer.flattened_from = flattened_from
+            if not spec.keeps_feature_order:
+                flattened_from = None
         compiled.append(layer)
         shape = layer.out_shape
         trail.append(fmt_shape(shape))

@@ -58,3 +58,18 @@ def empty_window(n: int, kernel: int, stride: int, padding: Padding) -> str | No
     if (out - 1) * stride - before > n - 1:
         return "last"
     return None
+
+
+def real_cell_scale(in_hw, size, strides, pads):
+    """(OH, OW) float32 NumPy array: window area / the number of real (unpadded) cells under each output's window.
+
+    Multiplying an average over zero-padded windows by it gives the average over real cells only (cnnrun's
+    average pooling). One definition for every backend; ``pads`` is ((top, bottom), (left, right)).
+    """
+    import numpy as np  # here, not at import: task=summary imports no NumPy
+
+    counts = []
+    for n, k, s, (before, after) in zip(in_hw, size, strides, pads):
+        starts = np.arange((n + before + after - k) // s + 1) * s - before
+        counts.append(np.minimum(starts + k, n) - np.maximum(starts, 0))
+    return ((size[0] * size[1]) / np.outer(counts[0], counts[1])).astype(np.float32)

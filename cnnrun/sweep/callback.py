@@ -2,6 +2,8 @@
 
 - ``on_multirun_start`` (main process, before any job): opens the MLflow parent run once and writes its id to
   the sweep directory, where every job (in any process) finds it.
+- ``on_job_start`` (in the job's process, which may be on another machine): hands the job the sweep's state
+  (the parent run id) that came with this callback, pickled by the launcher.
 - ``on_job_end`` (in the job's process): writes the job's record (status, objective, run, error); a job that
   failed before it opened a run gets a FAILED child run.
 - ``on_multirun_end`` (main process): ranks the jobs, prints the table, writes sweep_summary.csv/.md and records
@@ -53,12 +55,14 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         global _active
         from cnnrun.progress import console
+        from cnnrun.sweep.launchers import check_tracking
         from cnnrun.sweep.parent import open_parent
 
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        sweep_state.clear_records(self.sweep_dir)
         try:
+            check_tracking(config)  # jobs on other machines cannot write to a local store: refuse before any job
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            sweep_state.clear_records(self.sweep_dir)
             self.state = open_parent(config, self.sweep_dir)
         except UserError as err:  # e.g. the tracking server is down: stop before any job (Hydra would go on)
             print(err.render(), file=sys.stderr)
@@ -116,6 +120,9 @@ class SweepCallback(Callback):
     def on_job_start(self, config, **kwargs: Any) -> None:
         if _is_multirun(config):
             sweep_job.begin(None)  # cnnrun.cli sets the job up; nothing left over from the previous job
+            # This callback reached the job's process with the launcher (pickled by joblib, submitit or Ray),
+            # carrying the parent run opened in the main process: the job needs no shared sweep folder to find it.
+            sweep_job.know_state(self.state)
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         if not _is_multirun(config):

@@ -1,7 +1,8 @@
 """What a running sweep job knows about its sweep: its number, its overrides, its parent run.
 
-:func:`from_hydra` builds it in the job's own process (the main process, or a joblib worker) from Hydra's job
-config and the sweep directory's state file; ``cnnrun.cli`` makes it :func:`current` for the task it runs.
+:func:`from_hydra` builds it in the job's own process (the main process, a joblib worker, a submitit or Ray job
+on another machine) from Hydra's job config and the sweep's state (brought by the callback, else the sweep
+directory's state file); ``cnnrun.cli`` makes it :func:`current` for the task it runs.
 :func:`cnnrun.tracking.start_run` then nests the job's MLflow run under the sweep's parent run and tags it.
 """
 
@@ -52,6 +53,7 @@ class SweepJob:
 
 
 _current: Optional[SweepJob] = None
+_known_state: Optional[SweepState] = None  # the sweep's state as the callback brought it to this process
 
 
 def current() -> Optional[SweepJob]:
@@ -62,6 +64,11 @@ def current() -> Optional[SweepJob]:
 def begin(job: Optional[SweepJob]) -> None:
     global _current
     _current = job
+
+
+def know_state(state: Optional[SweepState]) -> None:
+    global _known_state
+    _known_state = state
 
 
 def note_run(run_id: str) -> None:
@@ -86,7 +93,7 @@ def from_hydra() -> Optional[SweepJob]:
         overrides=list(hc.overrides.task),
         sweep_dir=sweep_dir,
         output_dir=Path(str(hc.runtime.output_dir)),
-        state=read_state(sweep_dir),
+        state=_known_state or read_state(sweep_dir),
         parallel=parallel_jobs(hc.launcher),
     )
 

@@ -1,4 +1,9 @@
-"""task=train: data → backend → shared trainer → test evaluation, all recorded in one MLflow run."""
+"""task=train: data → backend → shared trainer → test evaluation, all recorded in one MLflow run.
+
+With ``trainer.devices > 1`` this command launches that many workers instead (:mod:`cnnrun.distributed.launch`);
+each worker, like a process torchrun started, runs this task as one rank: every rank trains, validates and tests
+its shards, and rank 0 alone prints, tracks and writes.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,11 @@ import yaml
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
 from cnnrun.config import flatten_for_logging
+from cnnrun.distributed import launch
+from cnnrun.distributed.session import join_world, parallel_runner
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.plots import learning_curve
-from cnnrun.progress import ProgressView, console
+from cnnrun.progress import ProgressView, SilentView, console
 from cnnrun.resume import load_for_resume
 from cnnrun.schedules import LearningRate, check_schedule_can_run
 from cnnrun.summary import summary_json, summary_text
@@ -22,13 +29,17 @@ from cnnrun.sweep.resume import skip_finished
 from cnnrun.tasks.common import (
     ending_run, load_data, make_checkpoint, report_test, run_name, run_tags, write_text,
 )
-from cnnrun.trainer import Trainer, TrainState
-from cnnrun.tracking import start_run
+from cnnrun.trainer import Trainer, TrainState, evaluate
+from cnnrun.tracking import NullLogger, start_run
 
 
 def run(ctx) -> float:
     """Train; return the objective for sweeps (sweep.objective)."""
     cfg = ctx.cfg
+    if launch.launches(cfg):
+        from cnnrun.sweep import job as sweep_job
+
+        return launch.run_workers(ctx, in_sweep=sweep_job.current() is not None)
     skipped = skip_finished(ctx)  # a sweep job whose config already has a FINISHED run: its objective, no training
     if skipped is not None:
         return skipped
@@ -36,8 +47,9 @@ def run(ctx) -> float:
     check_objective_is_logged(cfg, validates=len(dataset.val) > 0)
     check_schedule_can_run(ctx.schedule, cfg.dataset, validates=len(dataset.val) > 0)
     backend = load_backend(cfg.framework.name)
+    collective, device = join_world(cfg, len(dataset.train))  # one process: LOCAL and cfg.device
     runner = backend.create_runner(
-        ctx.compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, dataset.mean, dataset.std,
+        ctx.compiled, cfg.optimizer, ctx.framework_options, device, cfg.trainer.seed, dataset.mean, dataset.std,
         label_smoothing=cfg.trainer.label_smoothing, precision=cfg.trainer.precision,
     )
     version = backend.framework_version()
@@ -48,21 +60,35 @@ def run(ctx) -> float:
         runner.set_weights(resumed.weights)
         runner.set_training_state(resumed.training_state)
         state = TrainState.from_dict(resumed.progress)
-        _carry_best(resume_path, ctx.output_dir / "checkpoints")
-    tags = run_tags(ctx, runner, version, "train")
+        if collective.world.is_main:
+            _carry_best(resume_path, ctx.output_dir / "checkpoints")
+    runner = parallel_runner(runner, collective, cfg, ctx.compiled.num_classes)
+    main = collective.world.is_main
+    tags = {**run_tags(ctx, runner, version, "train"), "cnnrun.world_size": str(collective.world.size)}
     previous_run = resumed.origin.get("run_id") if resumed is not None else None
-    logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run)
-    with ending_run(logger, interrupts=(TrainingInterrupted,)):
-        return _train(ctx, runner, dataset, logger, version, state, resumed is not None)
+    logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run) if main else NullLogger()
+    try:
+        with ending_run(logger, interrupts=(TrainingInterrupted,)):
+            result = _train(ctx, runner, dataset, logger, version, state, resumed is not None, collective)
+    except TrainingInterrupted:
+        # Every rank stopped after the same step; the others wait here until rank 0 has ended the MLflow run, so
+        # that a launcher reacting to the first exit cannot cut rank 0 short.
+        collective.broadcast(None)
+        raise
+    collective.close()
+    return result
 
 
-def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resuming: bool) -> float:
+def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resuming: bool, collective) -> float:
     cfg, out = ctx.cfg, ctx.output_dir
+    world = collective.world
     checkpoints = out / "checkpoints"
+    if not world.is_main:
+        return _train_rank(ctx, runner, dataset, logger, state, collective)
     if resuming:  # the run's params were logged when it started; MLflow params cannot change
         logger.set_tags({"cnnrun.resumed_from": cfg.trainer.resume, "cnnrun.resumed_at_epoch": state.epoch + 1})
     else:
-        logger.log_params(flatten_for_logging(_loggable(ctx.raw)))
+        logger.log_params({**flatten_for_logging(_loggable(ctx.raw)), "world_size": world.size})
         logger.log_dataset(dataset)
     logger.log_artifact(write_text(out / "config.yaml", yaml.safe_dump(ctx.raw, sort_keys=False)))
     logger.log_artifact(write_text(out / "summary.txt", summary_text(ctx.compiled)))
@@ -80,28 +106,14 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         ckpt = make_checkpoint(ctx, runner, dataset, origin, state.to_dict(), training_state=(kind == "last"))
         ckpt_io.save(checkpoints / f"{kind}.safetensors", ckpt)
 
+    ranks = f" × {world.size} processes" if world.size > 1 else ""
     console.print(
         f"[bold]{ctx.compiled.name}[/] on {dataset.name} ({len(dataset.train):,} train images) with "
-        f"{cfg.framework.name} {version} on {runner.device_name}; run {logger.run_id or '(not tracked)'}"
+        f"{cfg.framework.name} {version} on {runner.device_name}{ranks}; run {logger.run_id or '(not tracked)'}"
     )
-    view = ProgressView(cfg.trainer.progress, cfg.trainer.epochs)
-    rate = LearningRate(ctx.schedule, cfg.optimizer.lr, cfg.trainer.epochs)
-    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save, learning_rate=rate)
-    try:
-        state = trainer.fit(state, augment=cfg.dataset.augment)
-    except Exception as err:
-        if not is_out_of_memory(err):
-            raise
-        half = max(1, cfg.trainer.batch_size // 2)
-        raise UserError(
-            f"out of memory on {runner.device_name} at trainer.batch_size={cfg.trainer.batch_size} "
-            f"({type(err).__name__}); try trainer.batch_size={half} (the last good checkpoint is kept)"
-        ) from None
-    finally:
-        view.close()
-    restored = cfg.trainer.restore_best and (checkpoints / "best.safetensors").exists()
-    if restored:
-        runner.set_weights(ckpt_io.load(checkpoints / "best.safetensors").weights)
+    state = _fit(ctx, runner, dataset, logger, ProgressView(cfg.trainer.progress, cfg.trainer.epochs), save, state,
+                 collective)
+    restored = _restore_best(cfg, runner, checkpoints / "best.safetensors", collective)
     title = f"{ctx.compiled.name} / {cfg.framework.name}"
     test = report_test(ctx, runner, dataset, logger, title)
     logger.log_metrics(kept_epoch_metrics(state, restored))
@@ -117,6 +129,43 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         f"checkpoint {final}; outputs in {out}"
     )
     return job_result(ctx, logger)  # sweep.objective (default: kept_val_acc)
+
+
+def _fit(ctx, runner, dataset, logger, view, save, state: TrainState, collective) -> TrainState:
+    cfg = ctx.cfg
+    rate = LearningRate(ctx.schedule, cfg.optimizer.lr, cfg.trainer.epochs)
+    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save, learning_rate=rate, collective=collective)
+    try:
+        return trainer.fit(state, augment=cfg.dataset.augment)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        half = max(1, cfg.trainer.batch_size // 2)
+        raise UserError(
+            f"out of memory on {runner.device_name} at trainer.batch_size={cfg.trainer.batch_size} "
+            f"({type(err).__name__}); try trainer.batch_size={half} (the last good checkpoint is kept)"
+        ) from None
+    finally:
+        view.close()
+
+
+def _restore_best(cfg, runner, best, collective) -> bool:
+    """Load the best checkpoint's weights when trainer.restore_best asks and one was written (by rank 0, which
+    sends them to the other ranks); whether it did."""
+    main = collective.world.is_main
+    restored = collective.broadcast(cfg.trainer.restore_best and best.exists() if main else None)
+    if restored:
+        runner.set_weights(collective.broadcast(ckpt_io.load(best).weights if main else None))
+    return restored
+
+
+def _train_rank(ctx, runner, dataset, logger, state: TrainState, collective) -> float:
+    """A rank other than 0: the same training, validation and test steps (its shards of them), writing nothing."""
+    cfg = ctx.cfg
+    _fit(ctx, runner, dataset, logger, SilentView(), lambda kind, state: None, state, collective)
+    _restore_best(cfg, runner, None, collective)
+    evaluate(runner, dataset.test, cfg.trainer.eval_batch_size)  # rank 0's test report needs this rank's shards
+    return float("nan")
 
 
 def kept_epoch_metrics(state: TrainState, restored_best: bool) -> Dict[str, float]:

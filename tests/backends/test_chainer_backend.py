@@ -1,5 +1,6 @@
 """The Chainer backend against the compiler's shapes, the NumPy reference and the PyTorch backend."""
 
+import dataclasses
 import importlib.util
 import itertools
 import subprocess
@@ -12,15 +13,17 @@ import pytest
 if importlib.util.find_spec("chainer") is None:  # not importorskip: a bare `import chainer` fails (see chainer_env)
     pytest.skip("chainer is not installed", allow_module_level=True)
 
-from cnnrun.backends import ChainerOptions, TorchOptions, create_runner, framework_version
-from cnnrun.backends.chainer import BUILDERS, Network, Noise
+from cnnrun.backends import BACKENDS, ChainerOptions, TorchOptions, create_runner, framework_version
+from cnnrun.backends.chainer import Network, Noise
 from cnnrun.config import DeviceConfig, OptimizerConfig
 from cnnrun.errors import UserError
-from cnnrun.spec import LAYER_TYPES, compile_model
+from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from tests.helpers import ROOT, shipped_model
 from tests.reference import random_weights, reference_logits
-from tests.specs import POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused, without_dropout
+from tests.specs import (
+    MOBILE, MOBILE_INPUT, POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused, without_dropout,
+)
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3, weight_decay=1e-4)
 SGD = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -36,10 +39,6 @@ def runner_for(model, framework="chainer", optimizer=ADAM, seed=0, device=CPU):
 def random_images(input_shape, n=4, seed=0):
     c, h, w = input_shape
     return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
-
-
-def test_every_layer_type_has_a_builder():
-    assert set(BUILDERS) == set(LAYER_TYPES)
 
 
 GRID = list(itertools.product([(1, 9, 9), (2, 10, 7)], [1, 2, 3, 4], [1, 2, 3], ["same", "valid", 1]))
@@ -83,10 +82,11 @@ def test_shipped_models_param_counts(name):
     assert sum(p.size for p in Network(model, Noise(0)).params()) == model.params
 
 
-LOGIT_CASES = [(STRESS, STRESS_INPUT), (POOLING, POOLING_INPUT), (shipped_model("resnet_lite"), (1, 28, 28))]
+LOGIT_CASES = [(STRESS, STRESS_INPUT), (POOLING, POOLING_INPUT), (MOBILE, MOBILE_INPUT),
+               (shipped_model("resnet_lite"), (1, 28, 28))]
 
 
-@pytest.mark.parametrize("spec,input_shape", LOGIT_CASES, ids=["stress", "pooling", "resnet_lite"])
+@pytest.mark.parametrize("spec,input_shape", LOGIT_CASES, ids=["stress", "pooling", "mobile", "resnet_lite"])
 def test_logits_equal_reference_and_torch(spec, input_shape):
     model = compile_model(spec, input_shape, 10)
     weights = random_weights(model, seed=3)
@@ -386,9 +386,9 @@ def test_mixed16_keeps_float32_master_weights_and_resumes_its_loss_scale(monkeyp
     allowed on the CPU here, it must report float32 weights (the optimizer's master copies), compute in float16
     (logits off float32's by more than float32 rounding, within fp16's 5e-3), carry its loss scale through the
     training state, and set_weights must reach the master copies the next update reads."""
-    from cnnrun import precision
-
-    monkeypatch.setitem(precision.SUPPORT, "chainer", {**precision.SUPPORT["chainer"], "cpu": ("fp32", "fp16")})
+    chainer_info = BACKENDS["chainer"]
+    cpu_fp16 = {**chainer_info.precisions, "cpu": ("fp32", "fp16")}
+    monkeypatch.setitem(BACKENDS, "chainer", dataclasses.replace(chainer_info, precisions=cpu_fp16))
     model = compile_model(without_dropout(STRESS), STRESS_INPUT, 10)
     weights = random_weights(model, seed=2)
     images, labels = random_images(STRESS_INPUT, n=8), np.arange(8) % 10

@@ -14,8 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cnnrun.backends import create_runner, validate_options
+from cnnrun.backends import BACKENDS, create_runner, validate_options
 from cnnrun.config import DeviceConfig, OptimizerConfig
+from cnnrun.errors import UserError
 from cnnrun.spec import compile_model
 from tests.helpers import shipped_model
 from tests.reference import random_weights
@@ -30,7 +31,7 @@ MODELS = {
     "resnet_lite": (shipped_model("resnet_lite"), (1, 28, 28)),
     "stress": (without_dropout(STRESS), STRESS_INPUT),  # dropout masks come from each device's own RNG
 }
-FRAMEWORKS = ["torch", "tensorflow", "keras", "chainer"]
+FRAMEWORKS = [name for name, info in BACKENDS.items() if info.gpu]
 ADAM = OptimizerConfig(name="adam", lr=1e-3, eps=1e-7)
 # Gradients are compared through one plain SGD step with lr=1 (the weights move by exactly -gradient). Comparing
 # weights after several Adam steps would not work: Adam moves a weight whose gradient is near zero by ±lr on
@@ -45,36 +46,23 @@ GRADIENT_RTOL = 2e-4
 
 
 def _require_gpu(framework: str) -> None:
-    """Skip unless ``framework`` is installed and sees a CUDA GPU."""
-    if framework == "chainer":
-        if importlib.util.find_spec("chainer") is None:
-            pytest.skip("Chainer is not installed")
-        from cnnrun.backends.chainer_env import cupy_status, gpu_count, import_chainer  # not a bare import: NumPy 2
-
-        import_chainer()
-        cupy, why = cupy_status()
-        if cupy is None:
-            pytest.skip(f"Chainer cannot use CuPy: {why}")
-        if gpu_count(cupy)[0] == 0:
-            pytest.skip("CuPy sees no GPU")
-        return
-    uses_torch = framework == "torch" or (framework == "keras" and os.environ.get("KERAS_BACKEND") == "torch")
-    if uses_torch:
-        torch = pytest.importorskip("torch")
-        if not torch.cuda.is_available():
-            pytest.skip("PyTorch sees no GPU")
-        if framework == "keras":
-            pytest.importorskip("keras")
-        return
-    tf = pytest.importorskip("tensorflow")
-    if not tf.config.list_physical_devices("GPU"):
-        pytest.skip("TensorFlow sees no GPU")
+    """Skip unless ``framework`` is installed and sees a CUDA GPU (asked through the backend itself)."""
+    info = BACKENDS[framework]
+    missing = [p for p in info.engine_packages(_options(framework).model_dump()) if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed")
+    spec, input_shape = MODELS["stress"]
+    try:
+        _runner(framework, compile_model(spec, input_shape, 10), "cuda")
+    except UserError as err:
+        pytest.skip(str(err))
 
 
 def _options(framework: str):
-    if framework == "keras":
-        return validate_options("keras", {"backend": os.environ.get("KERAS_BACKEND", "tensorflow")})
-    return validate_options(framework, {})
+    """Keras runs on the backend KERAS_BACKEND names (one per process); other frameworks on their first engine."""
+    engines = BACKENDS[framework].engines
+    chosen = next((e for e in engines if e.get("backend") == os.environ.get("KERAS_BACKEND")), engines[0])
+    return validate_options(framework, chosen)
 
 
 def _runner(framework, model, device, optimizer=ADAM, precision="fp32"):
@@ -145,9 +133,7 @@ LOW_PRECISION_ATOL = {"bf16": 2e-2, "fp16": 5e-3}
 @pytest.mark.parametrize("precision", sorted(LOW_PRECISION_ATOL))
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_gpu_low_precision_matches_float32_and_trains(framework, precision):
-    from cnnrun.precision import SUPPORT
-
-    if precision not in SUPPORT[framework]["cuda"]:
+    if precision not in BACKENDS[framework].precisions["cuda"]:
         pytest.skip(f"{framework} has no {precision} on CUDA")
     model, weights, images, labels = _setup(framework, "stress")
     fp32, low = _runner(framework, model, "cuda"), _runner(framework, model, "cuda", precision=precision)

@@ -3,15 +3,12 @@ framework trains it the same way (the image joins the batch before, see cnnrun.d
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import textwrap
 
 import pytest
 
-from cnnrun.backends import BACKENDS
-from cnnrun.backends.keras import KERAS_BACKENDS
-from tests.helpers import mlflow_runs, run_cli
+from tests.helpers import framework_params, mlflow_runs, run_cli
 from tests.tiny import TINY
 
 MODEL = textwrap.dedent("""\
@@ -25,17 +22,6 @@ MODEL = textwrap.dedent("""\
       - {type: dense, units: "${dataset.num_classes}"}
 """)
 TRAIN_IMAGES = 500  # TINY's split of mnist_5k; 499 = one full batch and one image left over
-
-
-def _frameworks():
-    params = []
-    for name, info in BACKENDS.items():
-        for backend in (KERAS_BACKENDS if name == "keras" else (None,)):
-            args = [f"framework={name}"] + ([f"framework.backend={backend}"] if backend else [])
-            missing = importlib.util.find_spec(info.module) is None or importlib.util.find_spec(info.package) is None
-            marks = [pytest.mark.skip(reason=f"{info.package} is missing")] if missing else []
-            params.append(pytest.param(args, id=f"{name}-{backend}" if backend else name, marks=marks))
-    return params
 
 
 def _train(tmp_path, framework_args):
@@ -57,7 +43,7 @@ def torch_metrics(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework_args", _frameworks())
+@pytest.mark.parametrize("framework_args", framework_params())
 def test_a_last_batch_of_one_image_trains_alike_in_every_framework(tmp_path, torch_metrics, framework_args):
     metrics = torch_metrics if framework_args == ["framework=torch"] else _train(tmp_path, framework_args)
     # one step over all 500 images: the same first-step loss as torch's, from the same initial weights

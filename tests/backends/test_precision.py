@@ -1,6 +1,6 @@
 """trainer.precision in every framework that runs it on the CPU: bf16 (and fp16) against float32 PyTorch.
 
-Frameworks come from ``cnnrun.precision.SUPPORT`` (Keras once per Keras backend; Chainer runs mixed16 on CUDA
+Frameworks come from each BackendInfo's ``precisions`` (Keras once per Keras backend; Chainer runs mixed16 on CUDA
 only, so it has no case here: its refusal is in tests/test_bad_inputs.py). Each runs the cases below in its own
 worker process (tests/backends/equivalence_worker.py, as tests/backends/test_equivalence.py does).
 
@@ -33,7 +33,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from cnnrun.precision import SUPPORT
+from cnnrun.backends import BACKENDS
 from cnnrun.spec import compile_model
 from tests.backends.test_equivalence import (
     LOGITS_ATOL, Results, Variant, _param, _prefixed, _variants, make_weights, write_cases,
@@ -68,11 +68,11 @@ FIT_ADAM = {"name": "adam", "lr": 2e-2}
 
 def _low_precision_variants() -> List[Variant]:
     """Every framework (Keras per backend) whose CPU runs bf16."""
-    return [v for v in _variants() if "bf16" in SUPPORT[v.framework]["cpu"]]
+    return [v for v in _variants() if "bf16" in BACKENDS[v.framework].precisions["cpu"]]
 
 
 VARIANTS = _low_precision_variants()
-FP16_VARIANTS = [v for v in VARIANTS if "fp16" in SUPPORT[v.framework]["cpu"]]
+FP16_VARIANTS = [v for v in VARIANTS if "fp16" in BACKENDS[v.framework].precisions["cpu"]]
 
 
 def _step_commands(name: str, spec: Dict) -> List[Dict]:
@@ -173,7 +173,7 @@ def test_bf16_training_keeps_updates_smaller_than_bf16_can_hold(results, variant
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("variant", [_param(v) for v in VARIANTS])
 def test_low_precision_still_trains(results, variant, precision):
-    if precision not in SUPPORT[variant.framework]["cpu"]:
+    if precision not in BACKENDS[variant.framework].precisions["cpu"]:
         pytest.skip(f"{variant.framework} runs no {precision} on the CPU")
     result = results(variant)
     losses = result[f"quadrants/fit_{precision}/losses"]

@@ -156,7 +156,8 @@ import sys, numpy as np
 from cnnrun.export.onnx_runtime import load_onnx_predictor
 predictor = load_onnx_predictor(sys.argv[1])
 print(predictor.predict_logits(np.zeros((3, 28, 28, 1), np.uint8)).shape)
-heavy = ("torch", "tensorflow", "keras", "chainer", "onnx", "jax")
+from cnnrun.backends import BACKENDS
+heavy = {info.package for info in BACKENDS.values()} | {"onnx", "jax"}
 print(sorted(m for m in heavy if m in sys.modules))
 """
 

@@ -70,7 +70,7 @@ def test_every_problem_is_reported_at_once_with_its_key():
         ([{"type": "conv2d", "filters": 2, "kernel": [3, 0]}], "model.layers[0].kernel: expected an int >= 1"),
         ([{"type": "maxpool", "size": 2, "stride": 0}], "model.layers[0].stride"),
         ([{"type": "dropout", "rate": 1.5}], "model.layers[0].rate"),
-        ([{"type": "activation", "fn": "relu6"}], "model.layers[0].fn: expected 'linear'"),
+        ([{"type": "activation", "fn": "relu7"}], "model.layers[0].fn: expected 'linear'"),
         ([{"type": "conv2d", "filters": 2, "kernel": 3, "activation": "rleu"}], "did you mean 'relu'"),
         ([{"type": "conv2d", "filters": 2, "kernel": 3, "padding": -1}], "model.layers[0].padding"),
         ([{"filters": 2}], "model.layers[0]: a layer needs a 'type'"),

@@ -7,7 +7,6 @@ test image's probabilities); the test split is then written to PNG files and pre
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import pytest
 from PIL import Image
 
 from cnnrun import checkpoint as ckpt_io
-from cnnrun.backends import BACKENDS
 from cnnrun.config import DatasetConfig
 from cnnrun.data import load_dataset
 from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
-from tests.helpers import run_cli, shipped_model
+from tests.helpers import framework_params, run_cli, shipped_model
 from tests.tiny import TINY
 
 SPLIT = ["dataset.val_fraction=0.3", "dataset.test_fraction=0.6"]  # TINY's split: 3,000 test images
@@ -91,19 +89,8 @@ def test_predictions_on_image_files_equal_evals_image_for_image(trained):
                                    rtol=0, atol=1e-6, err_msg=f"image {index}")
 
 
-def _frameworks():
-    params = []
-    for name, info in BACKENDS.items():
-        for backend in (("tensorflow", "torch") if name == "keras" else (None,)):
-            args = [f"framework={name}"] + ([f"framework.backend={backend}"] if backend else [])
-            missing = importlib.util.find_spec(info.package) is None
-            params.append(pytest.param(args, id=f"{name}-{backend}" if backend else name,
-                                       marks=[pytest.mark.skip(reason=f"{info.package} missing")] if missing else []))
-    return params
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("framework_args", _frameworks())
+@pytest.mark.parametrize("framework_args", framework_params())
 def test_every_framework_predicts_the_files_like_eval(trained, framework_args, tmp_path):
     workdir, checkpoint, eval_rows, folder = trained
     output = tmp_path / "preds.json"

@@ -39,7 +39,6 @@ layers:
   - {type: dense, units: "${dataset.num_classes}"}
   - {type: softmax}
 """
-TOLERANCE = {"torch": 0.0, "chainer": 0.0, "tensorflow": 1e-5, "keras": 1e-5}
 TRAIN_IMAGES = 500  # mnist_5k with these fractions: 500 train, 1,500 validation, 3,000 test images
 # batch size → where the interrupt lands: 100 steps per epoch (inside epoch 2) or 1 (at the end of epoch 2)
 WHERE = {"mid-epoch": 5, "epoch-boundary": TRAIN_IMAGES}
@@ -127,7 +126,7 @@ def test_resume_equals_uninterrupted(framework, where, workdir):
     result = run_cli(args + [f"tracking.uri={uri}", "trainer.resume=last"], broken)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    tol = TOLERANCE[framework]
+    tol = BACKENDS[framework].tolerances.resume
     (client_a, expected), (client_b, resumed) = _run(f"sqlite:///{straight}/m.db"), _run(uri)
     assert resumed.info.status == "FINISHED" and "cnnrun.resumed_from" in resumed.data.tags
     for key in PER_EPOCH:  # every epoch logged once, at its step, with the uninterrupted run's value

@@ -1,0 +1,48 @@
+"""Two ranks train what one process trains: the same per-epoch training and validation losses and final weights,
+with global batches that no number of ranks divides (torch and Keras on torch; batchnorm with sync_batchnorm).
+
+One process and two (torch's launcher, gloo on the CPU) run tests/distributed/trainer_worker.py, which drives the
+shared trainer through the production path below the CLI (the torch engine, ShardedRunner).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("trainer_worker.py")
+TOLERANCE = {"torch": 1e-5, "keras-torch": 1e-5, "torch-syncbn": 1e-4, "keras-torch-syncbn": 1e-4}
+
+
+def _run(command, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("equivalence")
+    _run([sys.executable, str(WORKER), str(tmp / "one.npz")], tmp)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+          str(tmp / "two.npz")], tmp)
+    return dict(np.load(tmp / "one.npz")), dict(np.load(tmp / "two.npz"))
+
+
+@pytest.mark.parametrize("case", sorted(TOLERANCE))
+def test_two_ranks_train_what_one_process_trains(results, case):
+    one, two = results
+    keys = [k for k in one if k.startswith(f"{case}/")]
+    assert {f"{case}/train_loss", f"{case}/val_loss"} <= set(keys) and len(keys) > 3
+    assert len(one[f"{case}/train_loss"]) == 2 and one[f"{case}/train_loss"][1] < one[f"{case}/train_loss"][0]
+    for key in keys:
+        np.testing.assert_allclose(two[key], one[key], rtol=0, atol=TOLERANCE[case], err_msg=key)
