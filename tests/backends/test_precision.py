@@ -36,7 +36,7 @@ import pytest
 from cnnrun.backends import BACKENDS
 from cnnrun.spec import compile_model
 from tests.backends.test_equivalence import (
-    LOGITS_ATOL, Results, Variant, _param, _prefixed, _variants, make_weights, write_cases,
+    ENGINES, LOGITS_ATOL, Results, Variant, _param, _prefixed, make_weights, write_cases,
 )
 from tests.specs import without_dropout
 
@@ -48,7 +48,9 @@ ATOL = {"bf16": BF16_ATOL, "fp16": FP16_ATOL}
 BF16_LOSS_ATOL = 5e-2
 SMALL_SGD = {"name": "sgd", "lr": 1e-4, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 UPDATE_RTOL = 0.4
-STEP_CASES = ("classic_cnn", "stress_rgb")  # a shipped model, and every layer type and padding rule
+# A shipped model, every older layer type and padding rule, and the mobile layer types (depthwise and separable
+# convolutions, upsampling, global max pooling, the newer activations).
+STEP_CASES = ("classic_cnn", "stress_rgb", "mobile")
 FIT_EPOCHS, FIT_BATCH, FIT_TRAIN, FIT_TEST = 5, 64, 384, 256
 ACCURACY_MARGIN = 0.05
 FIT_SPEC = {
@@ -68,7 +70,7 @@ FIT_ADAM = {"name": "adam", "lr": 2e-2}
 
 def _low_precision_variants() -> List[Variant]:
     """Every framework (Keras per backend) whose CPU runs bf16."""
-    return [v for v in _variants() if "bf16" in BACKENDS[v.framework].precisions["cpu"]]
+    return [v for v in ENGINES if "bf16" in BACKENDS[v.framework].precisions["cpu"]]
 
 
 VARIANTS = _low_precision_variants()
