@@ -20,7 +20,8 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
-TOLERANCE = {"torch": 1e-5, "keras-torch": 1e-5, "torch-syncbn": 1e-4, "keras-torch-syncbn": 1e-4}
+TOLERANCE = {"torch": 1e-5, "keras-torch": 1e-5, "torch-syncbn": 1e-4, "keras-torch-syncbn": 1e-4,
+             "torch-fp16": 1e-3}  # fp16 rounds each shard's sums: measured 2.6e-4
 
 
 def _run(command, tmp_path: Path) -> None:
