@@ -58,6 +58,7 @@ CASES = {
         ("torch", "torch", {}, PLAIN, False),
         ("torch-syncbn", "torch", {}, BATCHNORM, True),
         ("torch-fp16", "torch", {}, PLAIN, False),
+        ("torch-syncbn-bf16", "torch", {}, BATCHNORM, True),
         ("keras-torch", "keras", {"backend": "torch"}, PLAIN, False),
         ("keras-torch-syncbn", "keras", {"backend": "torch"}, BATCHNORM, True),
     ],
@@ -72,7 +73,7 @@ CASES = {
 }
 # Cases trained in another trainer.precision than fp32: fp16's loss scaling must compose with the ranks' loss
 # weighting (Chainer's mixed16 needs CUDA).
-PRECISION = {"torch-fp16": "fp16", "tensorflow-fp16": "fp16"}
+PRECISION = {"torch-fp16": "fp16", "torch-syncbn-bf16": "bf16", "tensorflow-fp16": "fp16"}
 
 
 def main(out: str, engine_name: str = "torch") -> None:
