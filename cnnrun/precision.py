@@ -12,7 +12,7 @@ Checkpoints are float32 whatever the precision, so a model trained in bf16 loads
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from cnnrun.errors import one_of
 

@@ -92,7 +92,7 @@ def trained_mobile(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("framework_args", [p for p in _evaluators() if p.id != "tensorflow"])
+@pytest.mark.parametrize("framework_args", [p for p in framework_params() if p.id != "tensorflow"])
 def test_a_mobile_layer_network_trained_with_tensorflow_evaluates_the_same_everywhere(trained_mobile,
                                                                                       framework_args):
     workdir, uri, checkpoint, train_run = trained_mobile
