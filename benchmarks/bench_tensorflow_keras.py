@@ -171,12 +171,12 @@ class EpochTimer(keras.callbacks.Callback):
 class CnnrunTrainer:
     """A cnnrun runner driven by the real Trainer, one epoch per call."""
 
-    def __init__(self, framework: str, options: Dict, dataset, threads=None):
+    def __init__(self, framework: str, options: Dict, dataset, threads=None, precision: str = "fp32"):
         compiled = compile_model(CLASSIC_CNN, (1, 28, 28), 10)
         optimizer = OptimizerConfig(name="adam", lr=LR, eps=EPS)
         self.runner = create_runner(
             framework, compiled, optimizer, validate_options(framework, options),
-            DeviceConfig(name="cpu", threads=threads), SEED, dataset.mean, dataset.std,
+            DeviceConfig(name="cpu", threads=threads), SEED, dataset.mean, dataset.std, precision=precision,
         )
         self.cfg = TrainerConfig(batch_size=BATCH, seed=SEED, patience=None, progress=False)
         self.trainer = Trainer(self.runner, dataset, self.cfg, NullLogger(), SilentView(), lambda kind, s: None)
@@ -204,6 +204,7 @@ def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="measured epochs per trainer (alternating)")
     parser.add_argument("--threads", type=int, default=None, help="device.threads for cnnrun (default: all)")
+    parser.add_argument("--bf16", action="store_true", help="also time cnnrun with trainer.precision=bf16")
     args = parser.parse_args(argv)
 
     dataset = load_dataset(DatasetConfig(name="mnist_5k", num_classes=10, channels=1, image_size=(28, 28)))
@@ -214,6 +215,11 @@ def main(argv: List[str] = None) -> None:
         "keras_fit": KerasFitReference(dataset.train, mean, std),
         "cnnrun_keras": CnnrunTrainer("keras", {"backend": "tensorflow", "jit_compile": False}, dataset, args.threads),
     }
+    if args.bf16:
+        trainers["cnnrun_tensorflow_bf16"] = CnnrunTrainer("tensorflow", {"jit_compile": False}, dataset, args.threads,
+                                                           precision="bf16")
+        trainers["cnnrun_keras_bf16"] = CnnrunTrainer("keras", {"backend": "tensorflow", "jit_compile": False},
+                                                      dataset, args.threads, precision="bf16")
     print(f"tensorflow {tf.__version__}, keras {framework_version('keras')}, {os.cpu_count()} CPUs; "
           f"classic_cnn, batch {BATCH}, {len(dataset.train)} images/epoch, {args.rounds} rounds", flush=True)
     for trainer in trainers.values():  # warm-up: tracing and first-touch costs
@@ -227,10 +233,15 @@ def main(argv: List[str] = None) -> None:
     print("\n| trainer | images/s (median) | min | max |\n|---|---:|---:|---:|")
     for name, values in results.items():
         print(f"| {name} | {median[name]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |")
-    for label, ours, theirs, target in (
+    comparisons = [
         ("cnnrun tensorflow / hand-written GradientTape loop", "cnnrun_tensorflow", "tf_reference", 0.95),
         ("cnnrun keras / keras model.fit", "cnnrun_keras", "keras_fit", 1.0),
-    ):
+    ]
+    if args.bf16:
+        comparisons += [("cnnrun tensorflow bf16 / fp32", "cnnrun_tensorflow_bf16", "cnnrun_tensorflow", 0.0),
+                        ("cnnrun keras bf16 / fp32", "cnnrun_keras_bf16", "cnnrun_keras", 0.0)]
+    print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for label, ours, theirs, target in comparisons:
         # Ratios of epochs measured back to back (same round) cancel most of the machine's load swings.
         paired = statistics.median(a / b for a, b in zip(results[ours], results[theirs]))
         print(f"{label}: {median[ours] / median[theirs]:.2f}x of medians, {paired:.2f}x median of per-round "

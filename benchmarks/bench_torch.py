@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import alternate, cnnrun_epoch_fn, images_per_second, mnist_5k, report
+from benchmarks.common import alternate, cnnrun_epoch_fn, images_per_second, mnist_5k, paired_ratio, report
 
 
 def classic_cnn() -> nn.Module:
@@ -70,10 +70,21 @@ def compiled_gradients_match(batch_size: int = 128) -> bool:
     return all(torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5) for a, b in pairs)
 
 
+ONE_THREAD = "cnnrun framework=torch device.threads=1"
+
+
+def one_thread(epoch_fn):
+    def run() -> float:
+        torch.set_num_threads(1)  # process-wide: the other variants set their own count per epoch
+        return epoch_fn()
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
+    parser.add_argument("--bf16", action="store_true", help="also time cnnrun with trainer.precision=bf16")
     args = parser.parse_args()
     from cnnrun.backends import TorchOptions
 
@@ -84,26 +95,48 @@ def main() -> None:
     fresh_threads = torch.get_num_threads()
     cnnrun_epoch = cnnrun_epoch_fn("torch", TorchOptions(), dataset)
 
-    def cnnrun_fresh_threads() -> float:
-        torch.set_num_threads(fresh_threads)
-        return cnnrun_epoch()
+    def fresh_threads_for(epoch_fn):
+        def run() -> float:
+            torch.set_num_threads(fresh_threads)
+            return epoch_fn()
+        return run
+
+    cnnrun_fresh_threads = fresh_threads_for(cnnrun_epoch)
 
     variants = {
         "reference eager NCHW (foreach Adam)": reference_epoch_fn(dataset, False, False, cores),
         "reference channels_last": reference_epoch_fn(dataset, True, False, cores),
         "reference channels_last + fused Adam": reference_epoch_fn(dataset, True, True, cores),
         "reference eager NCHW, 1 thread": reference_epoch_fn(dataset, False, False, 1),
+        "reference channels_last + fused Adam, 1 thread": reference_epoch_fn(dataset, True, True, 1),
         "cnnrun framework=torch (defaults)": cnnrun_fresh_threads,
+        # On a machine loaded beyond its cores, torch's threads wait on each other at every parallel region and
+        # one thread can outrun two: compare one thread with one thread too.
+        ONE_THREAD: one_thread(cnnrun_epoch_fn("torch", TorchOptions(), dataset, threads=1)),
     }
+    if args.bf16:
+        variants["cnnrun framework=torch trainer.precision=bf16"] = fresh_threads_for(
+            cnnrun_epoch_fn("torch", TorchOptions(), dataset, precision="bf16"))
     if args.compile:
         ok = compiled_gradients_match()
         print(f"torch.compile gradients match eager at batch 128: {ok}")
         if ok:
             variants["reference torch.compile channels_last"] = reference_epoch_fn(dataset, True, True, cores, True)
     results = alternate(variants, args.rounds)
-    fastest = max((k for k in results if k.startswith("reference")), key=lambda k: np.median(results[k]))
+    references = [k for k in results if k.startswith("reference")]
+    fastest = max((k for k in references if "1 thread" not in k), key=lambda k: np.median(results[k]))
+    fastest_one = max((k for k in references if "1 thread" in k), key=lambda k: np.median(results[k]))
     report("classic_cnn training on mnist_5k, PyTorch " + torch.__version__, results, fastest,
            "cnnrun framework=torch (defaults)")
+    print(f"median of per-round ratios, cnnrun / {fastest}: "
+          f"{paired_ratio(results, 'cnnrun framework=torch (defaults)', fastest):.3f}")
+    one = np.median(results[ONE_THREAD]) / np.median(results[fastest_one])
+    print(f"one thread: cnnrun / {fastest_one}: {one:.3f} (medians), "
+          f"{paired_ratio(results, ONE_THREAD, fastest_one):.3f} (median of per-round ratios)")
+    if args.bf16:
+        bf16 = paired_ratio(results, "cnnrun framework=torch trainer.precision=bf16",
+                            "cnnrun framework=torch (defaults)")
+        print(f"cnnrun bf16 / fp32, median of per-round ratios: {bf16:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -18,7 +19,8 @@ def mnist_5k():
                                         num_classes=10))
 
 
-def cnnrun_epoch_fn(framework: str, options, dataset, batch_size: int = 128, threads=None) -> Callable[[], float]:
+def cnnrun_epoch_fn(framework: str, options, dataset, batch_size: int = 128, threads=None,
+                    precision: str = "fp32") -> Callable[[], float]:
     """One epoch of cnnrun's real training path (runner + shared Trainer); returns images/s of that epoch."""
     from cnnrun.backends import create_runner
     from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
@@ -30,7 +32,8 @@ def cnnrun_epoch_fn(framework: str, options, dataset, batch_size: int = 128, thr
 
     model = compile_model(shipped_model("classic_cnn"), dataset.input_shape, 10)
     runner = create_runner(framework, model, OptimizerConfig(name="adam", lr=1e-3), options,
-                           DeviceConfig(name="cpu", threads=threads), 0, dataset.mean, dataset.std)
+                           DeviceConfig(name="cpu", threads=threads), 0, dataset.mean, dataset.std,
+                           precision=precision)
     state = TrainState()
     cfg = TrainerConfig(epochs=10**6, batch_size=batch_size, patience=None, progress=False)
     trainer = Trainer(runner, dataset, cfg, NullLogger(), ProgressView(False, 1), lambda kind, s: None)
@@ -65,11 +68,15 @@ def report(title: str, results: Dict[str, List[float]], baseline: str, subject: 
         print(f"{name:44s} {statistics.median(values):13,.0f} {runs:>30s}")
     ratio = statistics.median(results[subject]) / statistics.median(results[baseline])
     print(f"ratio {subject} / {baseline}: {ratio:.3f}")
+    print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def paired_ratio(results: Dict[str, List[float]], ours: str, theirs: str) -> float:
+    """The median of per-round ratios: epochs measured back to back cancel most of the machine's load swings."""
+    return statistics.median(a / b for a, b in zip(results[ours], results[theirs]))
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 

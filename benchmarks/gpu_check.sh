@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # cnnrun's device=cuda paths on a GPU machine, in one go:
-#   1. tests/backends/test_gpu.py: each framework's GPU runner against its CPU runner (logits, losses, weights);
-#   2. the real CLI on device=cuda (and device=cpu, for the images/s ratio) for every framework installed there.
+#   1. tests/backends/test_gpu.py: each framework's GPU runner against its CPU runner (logits, losses, weights),
+#      and bf16/fp16 (trainer.precision) against float32 on the GPU;
+#   2. the real CLI on device=cuda (and device=cpu, for the images/s ratio) for every framework installed there,
+#      with bf16-vs-fp32 images/s for resnet_lite and a wider network at batch 256.
 #
 #   benchmarks/gpu_check.sh            # from the repository root, with cnnrun importable (installed or on PYTHONPATH)
 #
@@ -51,6 +53,20 @@ timeout "${RUN_LIMIT:-150}" python3 -m torch.distributed.run --standalone --npro
 say "-- exit ${PIPESTATUS[0]}"
 cli model=resnet_lite framework=torch device=cuda trainer.devices="$GPUS" trainer.sync_batchnorm=true trainer.epochs=2
 cli model=resnet_lite framework=keras framework.backend=torch device=cuda trainer.devices="$GPUS" trainer.epochs=2
+
+# Mixed precision: bf16 against fp32 at batch 256, for resnet_lite and a wider network (classic_cnn with 4x the
+# filters and units), each pair run back to back; epoch 1 (kernel selection, autotuning) is left out of the
+# figures. Chainer's mixed16 (fp16) once, and its checkpoint evaluated in float32 on the CPU.
+WIDE="model=classic_cnn model.layers.0.filters=128 model.layers.2.filters=256 model.layers.5.units=4096"
+for net in "model=resnet_lite" "$WIDE"; do
+  for precision in fp32 bf16; do
+    # shellcheck disable=SC2086  # $net holds several overrides
+    cli $net framework=torch device=cuda trainer.batch_size=256 trainer.epochs="$EPOCHS" trainer.precision=$precision
+  done
+done
+cli model=resnet_lite framework=chainer device=cuda trainer.batch_size=256 trainer.epochs="$EPOCHS" trainer.precision=fp16
+checkpoint=$(ls -td outputs/*/*-resnet_lite-chainer | head -1)/model.safetensors
+cli task=eval model=resnet_lite checkpoint="$checkpoint" framework=torch device=cpu
 [ -n "${SKIP_GRID:-}" ] && { say "== SKIP_GRID set: the training grid is not run"; exit 0; }
 
 # The command as a user types it (the trainer's default epochs), then the grid.

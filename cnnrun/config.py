@@ -159,6 +159,9 @@ class TrainerConfig(_Group):
     resume: Optional[str] = Field(default=None, description="A checkpoint path, or 'last'.")
     progress: bool = True
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Compute in float32, or bfloat16/float16 with float32 weights (cnnrun.precision)."
+    )
     devices: int = Field(default=1, gt=0, description="Data-parallel processes on this machine (GPUs, or CPU "
                                                       "processes); batch_size stays the global batch.")
     sync_batchnorm: bool = Field(default=False, description="Batchnorm statistics over all processes' rows.")

@@ -79,6 +79,19 @@ def _framework(raw: Dict[str, Any]) -> List[Problem]:
     return [Problem("framework.name", not_installed(name, package)) for package in missing]
 
 
+def _precision(raw: Dict[str, Any]) -> List[Problem]:
+    """The framework computes in trainer.precision on the device asked for (device=auto: on some device; the
+    runner checks again once the framework has resolved it)."""
+    from cnnrun.precision import precision_problem
+
+    framework, device = _group(raw, "framework").get("name"), _group(raw, "device").get("name")
+    precision = _group(raw, "trainer").get("precision", "fp32")
+    if not all(isinstance(v, str) for v in (framework, device, precision)):
+        return []  # a wrong type: the schema says so
+    message = precision_problem(framework, device.partition(":")[0], precision)
+    return [Problem("trainer.precision", message)] if message else []
+
+
 def _checkpoints(raw: Dict[str, Any]) -> List[Problem]:
     """The checkpoint files the task reads: trainer.resume (train) and checkpoint (eval; validate when set)."""
     found: List[Problem] = []
@@ -146,6 +159,7 @@ def _devices(raw: Dict[str, Any]) -> List[Problem]:
 CHECKS: List[Callable[[Dict[str, Any]], List[Problem]]] = [
     _dataset,
     _framework,
+    _precision,
     _checkpoints,
     _tracking_uri,
     _devices,

@@ -76,6 +76,13 @@ CASES = [
     ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
     ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
     ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),
+    ("precision-unknown", ["trainer.precision=fp8"], ["trainer.precision: expected 'fp32', 'bf16' or 'fp16'"]),
+    # a precision the framework cannot run on the device: what can, and which frameworks can run it
+    ("precision-chainer-cpu", ["framework=chainer", "device=cpu", "trainer.precision=bf16"],
+     ["trainer.precision: framework=chainer on device=cpu trains in 'fp32' only, not bf16",
+      "bf16 runs with framework='torch', 'tensorflow' or 'keras'"]),
+    ("validate-precision-chainer-cpu", ["task=validate", "framework=chainer", "device=cpu", "trainer.precision=fp16"],
+     ["trainer.precision: ", "chainer runs fp16 on device=cuda", "[command line: trainer.precision=fp16]"]),
     ("hydra-key-not-in-config", ["trainer.epoch=3"],
      ["cnnrun: trainer.epoch=3: trainer has no key 'epoch' (did you mean 'epochs'?); its keys: epochs, batch_size"]),
     ("nested-key-added", ["+trainer.epoch=3"],
@@ -108,6 +115,8 @@ CASES = [
      ["checkpoint: ", "missing.safetensors does not exist"]),
     # the environment
     ("cuda-without-gpu", ["device=cuda"], ["device=cuda", "no usable CUDA GPU"]),
+    ("precision-chainer-auto-without-gpu", ["framework=chainer", "trainer.precision=fp16"],
+     ["trainer.precision: framework=chainer on device=cpu", "(device=auto resolved to cpu)"]),
     ("dataset-missing-offline", ["dataset=mnist", "dataset.download=false", "dataset.root={dir}/empty"],
      ["dataset.root", "dataset=mnist_5k"]),
     ("folder-without-root", ["dataset=folder"], ["dataset.root"]),
@@ -128,7 +137,7 @@ CASES = [
     ("resume-weights-only", ["trainer.resume={dir}/classic_weights_only.safetensors"], ["holds weights only"]),
 ]
 # Mistakes only where PyTorch sees no GPU.
-NEEDS_NO_GPU = {"cuda-without-gpu"}
+NEEDS_NO_GPU = {"cuda-without-gpu", "precision-chainer-auto-without-gpu"}
 
 
 def _checkpoint(path: Path, model_name: str, with_state: bool) -> None:

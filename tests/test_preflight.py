@@ -38,3 +38,23 @@ def test_keras_needs_the_framework_it_runs_on(monkeypatch):
 
 def test_summary_needs_none_of_it():
     assert preflight.problems({"task": "summary", "dataset": {"name": "mnsit"}, "checkpoint": "/nope"}) == []
+
+
+def _precision_problems(framework: str, device: str, precision: str):
+    raw = {"task": "validate", "framework": {"name": framework}, "device": {"name": device},
+           "trainer": {"precision": precision}}
+    return [p for p in preflight.problems(raw) if p.key == "trainer.precision"]
+
+
+@pytest.mark.parametrize("framework, device, precision, refused", [
+    ("chainer", "cpu", "fp16", True), ("chainer", "cuda:1", "bf16", True), ("chainer", "auto", "bf16", True),
+    ("chainer", "cuda", "fp16", False), ("chainer", "auto", "fp16", False),  # auto: the runner checks the device
+    ("chainer", "cpu", "fp32", False), ("torch", "cpu", "fp16", False), ("keras", "cpu", "bf16", False),
+    ("tensorflow", "cuda", "bf16", False),
+])
+def test_a_precision_the_framework_cannot_run_on_the_device_is_a_problem(framework, device, precision, refused):
+    problems = _precision_problems(framework, device, precision)
+    assert bool(problems) == refused
+    if refused:  # what it can, and which frameworks can run the precision
+        assert f"framework={framework}" in problems[0].message
+        assert "runs with framework='torch', 'tensorflow' or 'keras'" in problems[0].message

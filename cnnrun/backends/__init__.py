@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Literal, Optional, Proto
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnrun.errors import ConfigError, Problem, UserError, did_you_mean, one_of
+from cnnrun.precision import PRECISIONS
 from cnnrun.spec.validation import problems_from
 
 if TYPE_CHECKING:  # NumPy only types this table's protocol: checking options (task=summary) does not import it
@@ -133,6 +134,8 @@ class BackendInfo:
     fast_paths: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     # Data-parallel training; None: one process only. Keras trains on the engine of its backend's framework.
     parallel: Optional[Parallel] = None
+    # Device kind → the trainer.precision values it trains in there (see cnnrun.precision).
+    precisions: Dict[str, Tuple[str, ...]] = field(default_factory=lambda: {"cpu": PRECISIONS, "cuda": PRECISIONS})
 
     def engine_packages(self, options: Dict[str, Any]) -> Tuple[str, ...]:
         """The packages ``options`` need: the framework's, plus the one it runs on (Keras's backend)."""
@@ -165,6 +168,9 @@ BACKENDS: Dict[str, BackendInfo] = {
     "chainer": BackendInfo(
         "cnnrun.backends.chainer", "chainer", ChainerOptions, "channels_first", frozenset({"chainer"}),
         ("chainer", "setuptools"),  # Chainer imports pkg_resources where setuptools still has it
+        # No bfloat16 (NumPy and CuPy lack the type), and mixed16 on CUDA only: NumPy's float16 convolutions are
+        # emulated and far slower than float32.
+        precisions={"cpu": ("fp32",), "cuda": ("fp32", "fp16")},
         parallel=Parallel(
             "cnnrun.distributed.chainer", joins="mpi",
             sync_batchnorm_refusal="ChainerMN's MultiNodeBatchNormalization averages each rank's mean (wrong when "
@@ -233,10 +239,25 @@ def not_installed(name: str, package: str) -> str:
 
 
 def create_runner(name: str, model, optimizer, options, device, seed: int, mean, std,
-                  label_smoothing: float = 0.0) -> Runner:
-    """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use."""
+                  label_smoothing: float = 0.0, precision: str = "fp32") -> Runner:
+    """Build ``model`` in framework ``name``: the one entry point the trainer and the tests use.
+
+    ``precision`` (``trainer.precision``, see :mod:`cnnrun.precision`) sets what the train step and inference
+    compute in; weights, optimizer state and checkpoints stay float32.
+    """
     return load_backend(name).create_runner(model, optimizer, options, device, seed, mean, std,
-                                            label_smoothing=label_smoothing)
+                                            label_smoothing=label_smoothing, precision=precision)
+
+
+def check_precision(framework: str, device, device_kind: str, precision: str) -> None:
+    """A UserError when ``framework`` cannot compute in ``precision`` on ``device_kind``, the device it resolved
+    ``device`` (the DeviceConfig asked for, e.g. auto) to."""
+    from cnnrun.precision import precision_problem
+
+    message = precision_problem(framework, device_kind, precision)
+    if message:
+        resolved = f" (device={device.name} resolved to {device_kind})" if device.kind != device_kind else ""
+        raise UserError(f"trainer.precision: {message}{resolved}")
 
 
 def framework_version(name: str) -> str:

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import BACKENDS, mean_metrics
+from cnnrun.backends import BACKENDS, check_precision, mean_metrics
 from cnnrun.backends.building import (
     BuildContext,
     Built,
@@ -45,6 +45,7 @@ import chainer.functions as F  # noqa: E402  (after the environment fix above)
 import chainer.links as L  # noqa: E402
 
 from cnnrun.backends.chainer_optim import TorchLikeOptimizer  # noqa: E402
+from cnnrun.backends.chainer_precision import Mixed16  # noqa: E402
 
 LAYOUT = BACKENDS["chainer"].layout  # CHANNELS_FIRST
 NOISE_STATE = "rng/chainer_dropout"  # training-state key of the dropout generator's counter
@@ -184,10 +185,11 @@ class Upsample(chainer.Link):
         if not self.bilinear:
             return F.repeat(F.repeat(x, self.size[0], axis=2), self.size[1], axis=3)
         n, c, h, w = x.shape
-        y = F.matmul(F.reshape(x, (n * c * h, w)), self.cols_t)  # along W: (N·C·H, OW)
+        cols_t, rows = self.cols_t.astype(x.dtype, copy=False), self.rows.astype(x.dtype, copy=False)  # mixed16
+        y = F.matmul(F.reshape(x, (n * c * h, w)), cols_t)  # along W: (N·C·H, OW)
         y = F.transpose(F.reshape(y, (n, c, h, -1)), (0, 1, 3, 2))  # (N, C, OW, H)
         ow = y.shape[2]
-        y = F.matmul(F.reshape(y, (n * c * ow, h)), self.rows.T)  # along H: (N·C·OW, OH)
+        y = F.matmul(F.reshape(y, (n * c * ow, h)), rows.T)  # along H: (N·C·OW, OH)
         return F.transpose(F.reshape(y, (n, c, ow, -1)), (0, 1, 3, 2))
 
 
@@ -238,7 +240,7 @@ class AvgPool(chainer.Link):
         if self.pad_width is not None:
             x = F.pad(x, self.pad_width, "constant")
         y = F.average_pooling_2d(x, self.size, self.stride, pad=self.pad)
-        return y if self.scale is None else y * F.broadcast_to(self.scale, y.shape)
+        return y if self.scale is None else y * F.broadcast_to(self.scale.astype(y.dtype, copy=False), y.shape)
 
 
 class Dense(chainer.Chain):
@@ -281,8 +283,8 @@ class Dropout(chainer.Link):
         if not chainer.config.train or self.rate == 0.0:
             return x
         keep = self.noise.uniform(x.shape, chainer.backend.get_array_module(x)) >= self.rate
-        mask = keep.astype(np.float32)
-        mask *= np.float32(1.0 / (1.0 - self.rate))
+        mask = keep.astype(x.dtype)  # float16 under mixed16
+        mask *= x.dtype.type(1.0 / (1.0 - self.rate))
         return F.dropout(x, self.rate, mask=mask)
 
 
@@ -435,16 +437,19 @@ class ChainerRunner:
     """The Runner protocol (see cnnrun.backends) for Chainer, on NumPy or CuPy arrays."""
 
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         from cnnrun.spec.init import initial_weights
 
         global _CUPY_VERSION
         self.model = model
         self.device = resolve_device(device)
         self.xp = self.device.xp
+        check_precision("chainer", device, "cpu" if self.xp is np else "cuda", precision)
+        self.precision = Mixed16(precision == "fp16")
         self._threads = limit_cpu_threads(device.threads) if self.xp is np else None
         self.noise = Noise(seed)
-        self.net = Network(model, self.noise)
+        with self.precision.build_scope():
+            self.net = Network(model, self.noise)
         if self.xp is not np:
             self.device.use()
             self.net.to_device(self.device)
@@ -454,6 +459,7 @@ class ChainerRunner:
         self.mean = self.xp.asarray(np.asarray(mean, np.float32).reshape(shape))
         self.inv_std = self.xp.asarray((1.0 / np.asarray(std, np.float32)).reshape(shape))
         self.optimizer = TorchLikeOptimizer(optimizer).setup(self.net)
+        self.precision.setup(self.optimizer)
         self.clip_norm = optimizer.clip_norm
         self.label_smoothing = label_smoothing
         self.use_cudnn = "auto" if (self.xp is not np and options.cudnn and cudnn_usable()) else "never"
@@ -487,22 +493,23 @@ class ChainerRunner:
         x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         x -= self.mean
         x *= self.inv_std
-        return x
+        return self.precision.inputs(x)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         x = self._inputs(images)
         t = self.xp.asarray(labels.astype(np.int32, copy=False))
         with self._config(train=True):
-            logits = self.net(x)
+            logits = self.precision.logits(self.net(x))
             loss = cross_entropy(logits, t, self.label_smoothing)
             if mix is not None:
                 partners = self.xp.asarray(mix.partner_labels.astype(np.int32, copy=False))
                 loss = mix.lam * loss + (1.0 - mix.lam) * cross_entropy(logits, partners, self.label_smoothing)
             self.net.cleargrads()
             if self.communicator is None:
-                loss.backward()
+                objective = loss
             else:  # weighted so that the mean over ranks of the gradients is the global batch's mean-loss gradient
-                (loss * self.loss_weight).backward()
+                objective = loss * self.loss_weight
+            self.precision.backward(objective, self.optimizer)
             self._update()
         # Accumulated where computed (device arrays): nothing here waits for the GPU.
         self._loss_sum += loss.array.astype(np.float64) * len(labels)
@@ -512,9 +519,9 @@ class ChainerRunner:
     def _update(self) -> None:
         if self.communicator is not None:
             self.communicator.multi_node_mean_grad(self.net)
-        if self.clip_norm:
-            self.optimizer.clip_gradients(self.clip_norm)
-        self.optimizer.update()
+        if self.clip_norm:  # mixed16: the gradients are still scaled, so is the bound
+            self.optimizer.clip_gradients(self.clip_norm * self.precision.loss_scale(self.optimizer))
+        self.optimizer.update()  # mixed16: skips a step whose gradients overflowed, unscales the others
 
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.lr = lr
@@ -537,18 +544,27 @@ class ChainerRunner:
         cpu = chainer.backend.CpuDevice()
         # Copies (np.array): on the CPU the live arrays would otherwise change under the caller as training goes on.
         return read_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors},
-                              lambda name: np.array(cpu.send(self.net.array(name))))
+                              lambda name: np.array(cpu.send(self._array(name)), np.float32))
+
+    def _array(self, name: str):
+        """A tensor's float32 values: the optimizer's master copy of a mixed16 parameter, else the array."""
+        master = Mixed16.master(self.net.param(name))
+        return self.net.array(name) if master is None else master.array
 
     def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
         def write(name, value):
             target = self.net.array(name)
             target[...] = self.xp.asarray(value).reshape(target.shape)  # in place: optimizer keeps its refs
+            master = Mixed16.master(self.net.param(name))
+            if master is not None:
+                master.array[...] = self.xp.asarray(value).reshape(target.shape)  # what the update reads
 
         write_canonical(self.model, LAYOUT, {name: name for name in self.net.tensors}, weights, write)
 
     def get_training_state(self) -> Dict[str, np.ndarray]:
         """Optimizer slots per parameter (``<tensor>/exp_avg`` …) and the dropout generator's draw counter."""
-        state: Dict[str, np.ndarray] = {NOISE_STATE: np.asarray([self.noise.draws], np.int64)}
+        state: Dict[str, np.ndarray] = {NOISE_STATE: np.asarray([self.noise.draws], np.int64),
+                                        **self.precision.state(self.optimizer)}
         for name in self.net.tensors:
             param = self.net.param(name)
             if param is not None and param.update_rule is not None:
@@ -559,6 +575,7 @@ class ChainerRunner:
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         if NOISE_STATE in state:
             self.noise.draws = int(state[NOISE_STATE][0])
+        self.precision.set_state(self.optimizer, state)
         for name, slots in slots_by_tensor(state, self.net.tensors).items():
             param = self.net.param(name)
             if param is not None:
@@ -575,6 +592,7 @@ def cross_entropy(logits, labels, label_smoothing: float):
     return F.mean((1.0 - label_smoothing) * nll + label_smoothing * uniform)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> ChainerRunner:
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32") -> ChainerRunner:
     """Build ``model`` in Chainer on ``device`` with cnnrun's initial weights and the torch-equivalent optimizer."""
-    return ChainerRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+    return ChainerRunner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)

@@ -197,7 +197,7 @@ def custom_layers() -> SimpleNamespace:
 
         def call(self, x):
             pooled = ops.average_pool(ops.pad(x, self.paddings), self.size, self.strides, padding="valid")
-            return pooled * ops.convert_to_tensor(self.scale)
+            return pooled * ops.convert_to_tensor(self.scale, pooled.dtype)  # the compute dtype (mixed precision)
 
         def compute_output_shape(self, shape):
             return (shape[0], self.scale.shape[1], self.scale.shape[2], shape[3])
@@ -461,6 +461,29 @@ def set_random_state(builder: BuildContext, state: Dict[str, np.ndarray]) -> Non
             gen.state.assign(np.asarray(state[key]).astype(gen.state.dtype))
 
 
+# --------------------------------------------------------------------------------------------------- precision
+
+
+# trainer.precision → Keras's dtype policy: mixed policies keep float32 variables and compute in the low precision
+# (cnnrun's batchnorm computes in float32 either way). Loss scaling for fp16 is the runner's (cnnrun trains
+# with its own optimizers, not Keras's, so Keras's LossScaleOptimizer has nothing to wrap): the TensorFlow
+# backend's LossScale, or torch.amp.GradScaler through cnnrun.backends.torch.MixedPrecision.
+DTYPE_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+@contextlib.contextmanager
+def dtype_policy(precision: str):
+    """Keras's global dtype policy set for ``precision`` while a model is built, then restored (the layers keep
+    the policy they were built with)."""
+    config = _keras().config
+    previous = config.dtype_policy()
+    config.set_dtype_policy(DTYPE_POLICIES[precision])
+    try:
+        yield
+    finally:
+        config.set_dtype_policy(previous)
+
+
 # --------------------------------------------------------------------------------------------------- TensorFlow
 
 
@@ -492,11 +515,12 @@ class KerasTensorFlowNetwork:
         return self.keras_model(x, training=training)
 
 
-def _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing):
+def _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision):
     from cnnrun.backends.tensorflow import TensorFlowRunner
 
-    runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork,
-                              label_smoothing=label_smoothing)
+    with dtype_policy(precision):  # the model is built inside the runner
+        runner = TensorFlowRunner(model, optimizer, options, device, seed, mean, std, network=KerasTensorFlowNetwork,
+                                  label_smoothing=label_smoothing, precision=precision)
     runner.keras_model = runner.net.keras_model
     return runner
 
@@ -508,10 +532,10 @@ class KerasTorchRunner:
     """The Runner protocol for a Keras model on Keras's torch backend: eager calls, autograd, ``torch.optim``."""
 
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         import torch
 
-        from cnnrun.backends.torch import make_optimizer, resolve_device, set_tf32
+        from cnnrun.backends.torch import MixedPrecision, make_optimizer, resolve_device, set_tf32
         from cnnrun.spec.init import initial_weights
 
         if options.jit_compile:
@@ -529,8 +553,10 @@ class KerasTorchRunner:
         torch.manual_seed(seed)
         self.keras = _keras()
         self.scope = str(self.device)
-        with self.keras.device(self.scope):
+        with self.keras.device(self.scope), dtype_policy(precision):
             self.keras_model, self.builder = build_model(model, seed)
+        # The dtype policy casts the layers; this scales the fp16 loss (its autocast is not used).
+        self.precision = MixedPrecision(precision, self.device)
         self.tensors = self.builder.tensors
         self.trainable_names = self.builder.trainable
         self.set_weights(initial_weights(model, seed))
@@ -555,17 +581,13 @@ class KerasTorchRunner:
         return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
-        from cnnrun.backends.torch import clip_gradients, cross_entropy
+        from cnnrun.backends.torch import cross_entropy
 
         y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
         with self.keras.device(self.scope):
             logits = self.keras_model(self._inputs(images), training=True)
-        loss = cross_entropy(logits, y, self.label_smoothing, mix)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_norm:
-            clip_gradients(self.optimizer, self.clip_norm)
-        self.optimizer.step()
+        loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32
+        self.precision.step(loss, self.optimizer, self.clip_norm)
         with self.torch.no_grad():
             self._loss_sum += loss.detach() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
@@ -602,7 +624,7 @@ class KerasTorchRunner:
         for name, param in zip(self.trainable_names, self.params):
             for slot, value in self.optimizer.state.get(param, {}).items():
                 by_slot.setdefault(slot, {})[name] = value.detach().cpu().numpy().astype(np.float32)
-        state: Dict[str, np.ndarray] = random_state(self.builder)
+        state: Dict[str, np.ndarray] = {**random_state(self.builder), **self.precision.state()}
         for slot, native in by_slot.items():
             if slot == "step":
                 state.update({f"{name}/step": value for name, value in native.items()})
@@ -613,6 +635,7 @@ class KerasTorchRunner:
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         torch = self.torch
         set_random_state(self.builder, state)
+        self.precision.set_state(state)
         by_slot: Dict[str, Dict[str, np.ndarray]] = {}
         for name, slots in slots_by_tensor(state, self.trainable_names).items():
             for slot, value in slots.items():
@@ -632,9 +655,10 @@ class KerasTorchRunner:
 # --------------------------------------------------------------------------------------------------- entry
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0):
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32"):
     """A Keras runner on ``options.backend``; importing Keras here (not at module import) honours that choice."""
     import_keras(options.backend)
     if options.backend == "tensorflow":
-        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing)
-    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+        return _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)
+    return KerasTorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)

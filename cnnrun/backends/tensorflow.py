@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -89,6 +89,10 @@ def _import_tensorflow():
 
 
 tf, GPUS = _import_tensorflow()
+
+from cnnrun.backends.tensorflow_precision import (  # noqa: E402  (needs TensorFlow loaded as above)
+    COMPUTE_DTYPES, LossScale, in_float32, reads_in,
+)
 
 LAYOUT = BACKENDS["tensorflow"].layout  # CHANNELS_LAST
 Op = Callable[[tf.Tensor, bool], tf.Tensor]
@@ -178,6 +182,12 @@ def _variables(layer: CompiledLayer, ctx: BuildContext, *params: str, shapes=Non
     }
 
 
+def _compute_reads(ctx: BuildContext, tensors: Dict[str, tf.Variable]) -> Dict[str, Any]:
+    """What a layer's ops hold for its ``tensors``: each variable, or its view in the compute dtype (kernels and
+    biases under bf16/fp16, see :mod:`cnnrun.backends.tensorflow_precision`)."""
+    return {param: reads_in(var, param, ctx.compute_dtype) for param, var in tensors.items()}
+
+
 def _explicit_pads(layer: CompiledLayer) -> List[List[int]]:
     (top, bottom), (left, right) = layer.pads
     return [[0, 0], [top, bottom], [left, right], [0, 0]]
@@ -198,7 +208,8 @@ def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     """conv2d; with groups, its (kh, kw, C/groups, filters) kernel makes tf.nn.conv2d a grouped convolution."""
     spec = layer.spec
     tensors = _variables(layer, ctx, *layer.weights)
-    kernel, bias = tensors["kernel"], tensors.get("bias")
+    reads = _compute_reads(ctx, tensors)
+    kernel, bias = reads["kernel"], reads.get("bias")
     strides, padding, act = (1, *spec.stride, 1), _conv_padding(layer), ACTIVATIONS[spec.activation]
     dilations = (1, *spec.dilation, 1)
 
@@ -209,7 +220,7 @@ def _conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     return Built(conv, tensors)
 
 
-def _padded_depthwise(layer: CompiledLayer, kernel: tf.Variable) -> Op:
+def _padded_depthwise(layer: CompiledLayer, kernel) -> Op:
     """tf.nn.depthwise_conv2d after explicit zero padding (its dilated form takes 'SAME'/'VALID' only)."""
     spec = layer.spec
     pads = _explicit_pads(layer) if _has_pads(layer) else None
@@ -231,7 +242,8 @@ def _depthwise_shape(layer: CompiledLayer) -> Tuple[int, ...]:
 def _depthwise_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     spec = layer.spec
     tensors = _variables(layer, ctx, *layer.weights, shapes={"kernel": _depthwise_shape(layer)})
-    depthwise, bias = _padded_depthwise(layer, tensors["kernel"]), tensors.get("bias")
+    reads = _compute_reads(ctx, tensors)
+    depthwise, bias = _padded_depthwise(layer, reads["kernel"]), reads.get("bias")
     act = ACTIVATIONS[spec.activation]
 
     def depthwise_conv(x, training):
@@ -245,8 +257,9 @@ def _separable_conv(layer: CompiledLayer, ctx: BuildContext) -> Built:
     """Depthwise, then the 1×1 pointwise conv with the layer's bias and activation (Keras's SeparableConv2D)."""
     spec = layer.spec
     tensors = _variables(layer, ctx, *layer.weights, shapes={"depthwise_kernel": _depthwise_shape(layer)})
-    depthwise = _padded_depthwise(layer, tensors["depthwise_kernel"])
-    pointwise, bias = tensors["pointwise_kernel"], tensors.get("bias")
+    reads = _compute_reads(ctx, tensors)
+    depthwise = _padded_depthwise(layer, reads["depthwise_kernel"])
+    pointwise, bias = reads["pointwise_kernel"], reads.get("bias")
     act = ACTIVATIONS[spec.activation]
 
     def separable_conv(x, training):
@@ -308,7 +321,8 @@ def _flatten(layer: CompiledLayer, ctx: BuildContext) -> Op:
 def _dense(layer: CompiledLayer, ctx: BuildContext) -> Built:
     spec = layer.spec
     tensors = _variables(layer, ctx, *layer.weights)
-    kernel, bias = tensors["kernel"], tensors.get("bias")
+    reads = _compute_reads(ctx, tensors)
+    kernel, bias = reads["kernel"], reads.get("bias")
     act = ACTIVATIONS[spec.activation]
 
     def dense(x, training):
@@ -433,13 +447,22 @@ BUILDERS: Dict[str, Callable[[CompiledLayer, BuildContext], Built]] = {
 }
 
 
+class _Context(BuildContext):
+    """The shared BuildContext; with bf16/fp16, the layer types that compute in float32 get their input cast up
+    and their output back (``in_float32``), residual children included."""
+
+    def build(self, layer: CompiledLayer, *inputs: Any) -> Op:
+        return in_float32(super().build(layer, *inputs), layer.type, self.compute_dtype)
+
+
 class Network:
     """The compiled model as a chain of ops over NHWC tensors; ``variables.by_name`` holds every tensor."""
 
-    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int):
+    def __init__(self, model: CompiledModel, initial: Dict[str, np.ndarray], seed: int, compute_dtype=tf.float32):
         self.rng = tf.random.Generator.from_seed(seed)
         # sync_batchnorm: batchnorm statistics over every replica's shard (read when a training step is traced).
-        self._ctx = ctx = BuildContext(BUILDERS, initial=initial, rng=self.rng, sync_batchnorm=False)
+        self._ctx = ctx = _Context(BUILDERS, initial=initial, rng=self.rng, sync_batchnorm=False,
+                                   compute_dtype=compute_dtype)
         self.ops = [ctx.build(layer) for layer in model.layers]
         self.variables = Variables(ctx)
         perm = flatten_permutation(model)
@@ -626,15 +649,22 @@ class TensorFlowRunner:
     """
 
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std, network=None,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         from cnnrun.spec.init import initial_weights
 
         configure_threads(device.threads)
         self.model = model
         self.device, self.device_name = resolve_device(device)
+        # bf16/fp16: ops compute in it, variables stay float32 (see cnnrun.backends.tensorflow_precision); a Keras
+        # network gets the same from the dtype policy it was built under.
+        self.compute_dtype = COMPUTE_DTYPES[precision]
         with tf.device(self.device):
             initial = from_canonical(model, initial_weights(model, seed), LAYOUT)
-            self.net = (network or Network)(model, initial, seed)
+            if network is None:
+                self.net = Network(model, initial, seed, self.compute_dtype)
+            else:
+                self.net = network(model, initial, seed)
+            self.loss_scale = LossScale() if precision == "fp16" else None
             self.optimizer = make_optimizer(optimizer, self.net.variables.trainable)
             self.clip_norm = optimizer.clip_norm
             self.label_smoothing = label_smoothing
@@ -670,7 +700,7 @@ class TensorFlowRunner:
         self._compile()
 
     def _inputs(self, images: tf.Tensor) -> tf.Tensor:
-        return (tf.cast(images, tf.float32) - self.mean) * self.inv_std
+        return tf.cast((tf.cast(images, tf.float32) - self.mean) * self.inv_std, self.compute_dtype)
 
     def _replica_step(self, *args) -> None:
         self.strategy.run(self._train_step, args=args)
@@ -681,24 +711,37 @@ class TensorFlowRunner:
         gradient of the global batch's mean loss."""
         variables = self.net.variables.trainable
         with tf.GradientTape() as tape:
-            logits = self.net(self._inputs(images), training=True)
+            logits = tf.cast(self.net(self._inputs(images), training=True), tf.float32)  # the loss in float32
             loss_sum = tf.reduce_sum(cross_entropies(labels, logits, self.label_smoothing))
             if partners is not None:
                 partner_sum = tf.reduce_sum(cross_entropies(partners, logits, self.label_smoothing))
                 loss_sum = lam * loss_sum + (1.0 - lam) * partner_sum
             objective = loss_sum / total
-        grads = tape.gradient(objective, variables)
+            scaled = objective if self.loss_scale is None else objective * self.loss_scale.scale
+        grads = tape.gradient(scaled, variables)
         if self.strategy is not None:
             grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        if self.clip_norm:
-            grads = clip_by_global_norm(grads, self.clip_norm)
-        self.optimizer.apply(grads, variables)
+        if self.loss_scale is None:
+            self._apply(grads, variables)
+        else:
+            # Unscaled after the all-reduce: every replica sees the same sums, so all skip the same overflowed
+            # steps and keep the same scale.
+            grads, finite = self.loss_scale.unscale(grads)
+            if finite:  # a tf.cond: an overflowed fp16 step changes nothing but the scale
+                self._apply(grads, variables)
+            self.loss_scale.update(finite)
         self._loss_sum.assign_add(loss_sum)
         self._correct.assign_add(tf.reduce_sum(tf.cast(tf.argmax(logits, 1) == labels, tf.int64)))
 
+    def _apply(self, grads: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        if self.clip_norm:
+            grads = clip_by_global_norm(grads, self.clip_norm)
+        self.optimizer.apply(grads, variables)
+
     def logits(self, images: tf.Tensor) -> tf.Tensor:
-        """uint8 (N, H, W, C) → logits in inference mode, as graph ops (also what a SavedModel export serves)."""
-        return self.net(self._inputs(images), training=False)
+        """uint8 (N, H, W, C) → float32 logits in inference mode, as graph ops (also what a SavedModel export
+        serves)."""
+        return tf.cast(self.net(self._inputs(images), training=False), tf.float32)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         total = np.float32(len(labels) if self.global_batch is None else self.global_batch)
@@ -738,17 +781,23 @@ class TensorFlowRunner:
         """Optimizer slots (canonical layout, PyTorch's slot names) and random-generator states."""
         state = optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names)
         state.update(self.net.random_state())
+        if self.loss_scale is not None:
+            state.update(self.loss_scale.state())
         return state
 
     def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
         set_optimizer_state(self.model, self.optimizer, self.net.variables.trainable_names, state)
         self.net.set_random_state(state)
+        if self.loss_scale is not None:
+            self.loss_scale.set_state(state)
 
     @property
     def trainable_variables(self) -> List[tf.Variable]:
         return list(self.net.variables.trainable)
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> TensorFlowRunner:
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32") -> TensorFlowRunner:
     """The backend's entry point (see :func:`cnnrun.backends.create_runner`)."""
-    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std, label_smoothing=label_smoothing)
+    return TensorFlowRunner(model, optimizer, options, device, seed, mean, std, label_smoothing=label_smoothing,
+                            precision=precision)

@@ -280,13 +280,71 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
+class MixedPrecision:
+    """``trainer.precision`` in PyTorch: autocast regions and, for fp16, loss scaling with torch.amp.GradScaler.
+
+    Autocast runs convolutions and matmuls in bfloat16/float16 and keeps the parameters (and so the optimizer's
+    update and the checkpoints) in float32; batchnorm keeps float32 statistics. The loss is computed outside
+    the region on float32 logits. Also the precision of Keras on the torch backend (its own dtype policy casts
+    the layers; this class scales its fp16 loss).
+    """
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, precision: str, device: torch.device):
+        from cnnrun.precision import INITIAL_LOSS_SCALE, LOSS_SCALE_GROWTH_INTERVAL
+
+        self.dtype = self.DTYPES.get(precision)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(
+            device.type, init_scale=INITIAL_LOSS_SCALE, growth_interval=LOSS_SCALE_GROWTH_INTERVAL
+        ) if precision == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def step(self, loss, optimizer, clip_norm) -> None:
+        """Backward pass and update; with loss scaling, a step whose gradients overflowed is skipped."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            if clip_norm:
+                clip_gradients(optimizer, clip_norm)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        if clip_norm:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            clip_gradients(optimizer, clip_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state(self) -> Dict[str, np.ndarray]:
+        """The loss scale and its count of finite steps, for exact resume (empty without loss scaling)."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return {}
+        saved = self.scaler.state_dict()
+        if not saved:  # no step taken yet: nothing to restore
+            return {}
+        return {"loss_scale/scale": np.asarray(saved["scale"], np.float32),
+                "loss_scale/growth_tracker": np.asarray(saved["_growth_tracker"], np.int64)}
+
+    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+        if self.scaler is not None and "loss_scale/scale" in state:
+            self.scaler.load_state_dict({
+                **self.scaler.state_dict(), "scale": float(state["loss_scale/scale"]),
+                "_growth_tracker": int(state["loss_scale/growth_tracker"]),
+            })
+
+
 class TorchRunner:
     def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
         from cnnrun.spec.init import initial_weights
 
         self.model = model
         self.device = resolve_device(device)
+        self.precision = MixedPrecision(precision, self.device)
         if self.device.type == "cuda":
             set_tf32(options.tf32)
         if self.device.type == "cpu" and device.threads:
@@ -330,13 +388,10 @@ class TorchRunner:
         self.net.train()
         x = self._inputs(images)
         y = self._to_device(labels)
-        logits = self.forward(x)
-        loss = cross_entropy(logits, y, self.label_smoothing, mix)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_norm:
-            clip_gradients(self.optimizer, self.clip_norm)
-        self.optimizer.step()
+        with self.precision.autocast():
+            logits = self.forward(x)
+        loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32
+        self.precision.step(loss, self.optimizer, self.clip_norm)
         with torch.no_grad():
             self._loss_sum += loss.detach().double() * len(labels)
             self._correct += (logits.argmax(1) == y).sum()
@@ -357,7 +412,9 @@ class TorchRunner:
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         self.net.eval()
-        return self.forward(self._inputs(images)).float().cpu().numpy()
+        with self.precision.autocast():
+            logits = self.forward(self._inputs(images))
+        return logits.float().cpu().numpy()
 
     def get_weights(self) -> Dict[str, np.ndarray]:
         return read_canonical(self.model, LAYOUT, self.net.tensors, lambda t: t.detach().cpu().numpy())
@@ -376,6 +433,7 @@ class TorchRunner:
         for param, slots in self.optimizer.state.items():
             for slot, value in slots.items():
                 state[slot_key(names[id(param)], slot)] = value.detach().cpu().numpy()
+        state.update(self.precision.state())
         return state
 
     @torch.no_grad()
@@ -384,6 +442,7 @@ class TorchRunner:
             torch.set_rng_state(torch.from_numpy(state["rng/torch_cpu"].copy()))
         if "rng/torch_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(torch.from_numpy(state["rng/torch_cuda"].copy()), self.device)
+        self.precision.set_state(state)
         tensors = self.net.tensors
         for name, slots in slots_by_tensor(state, tensors).items():
             param = tensors[name]
@@ -437,5 +496,6 @@ def set_torch_learning_rate(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0) -> TorchRunner:
-    return TorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing)
+def create_runner(model, optimizer, options, device, seed, mean, std, label_smoothing: float = 0.0,
+                  precision: str = "fp32") -> TorchRunner:
+    return TorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)

@@ -188,6 +188,7 @@ class SyncedBatchNorm(nn.Module):
         bn = self.bn
         if not self.training:
             return bn(x)
+        dtype, x = x.dtype, x.float()  # under autocast (bf16/fp16): statistics in float32, as torch's batchnorm
         mean, variance, n = global_moments(x, [0, *range(2, x.dim())])
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -196,7 +197,7 @@ class SyncedBatchNorm(nn.Module):
             bn.running_var.mul_(1 - bn.momentum).add_(unbiased.reshape(-1) * bn.momentum)
         shape = mean.shape
         scale = bn.weight.reshape(shape) * torch.rsqrt(variance + bn.eps)
-        return (x - mean) * scale + bn.bias.reshape(shape)
+        return ((x - mean) * scale + bn.bias.reshape(shape)).to(dtype)
 
 
 def _sync_batchnorms(module: nn.Module) -> int:

@@ -47,7 +47,8 @@ def run(ctx) -> float:
         )
     backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
-        compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, ckpt.mean, ckpt.std
+        compiled, cfg.optimizer, ctx.framework_options, cfg.device, cfg.trainer.seed, ckpt.mean, ckpt.std,
+        precision=cfg.trainer.precision,
     )
     runner.set_weights(ckpt.weights)
     version = backend.framework_version()

@@ -50,7 +50,7 @@ def run(ctx) -> float:
     collective, device = join_world(cfg, len(dataset.train))  # one process: LOCAL and cfg.device
     runner = backend.create_runner(
         ctx.compiled, cfg.optimizer, ctx.framework_options, device, cfg.trainer.seed, dataset.mean, dataset.std,
-        label_smoothing=cfg.trainer.label_smoothing,
+        label_smoothing=cfg.trainer.label_smoothing, precision=cfg.trainer.precision,
     )
     version = backend.framework_version()
     resumed = None

@@ -14,7 +14,11 @@ its options, and cases; each case is a spec, an input shape, a data .npz (canoni
   ``train_step`` + ``train_metrics`` per batch → per-step losses, then the final canonical weights;
 - ``resume``: the same steps in one runner, and split across two runners joined by get/set_training_state;
 - ``rates``: a fresh runner, every step's rate of the command's ``schedule`` set and read back from the framework
-  (``val_losses``, one per epoch, drive ``plateau``).
+  (``val_losses``, one per epoch, drive ``plateau``);
+- ``fit``: a fresh runner trained for ``epochs`` over the data's ``fit_images``/``fit_labels`` in batches of
+  ``batch``, in order → each epoch's mean loss, then the accuracy on ``fit_test_images``/``fit_test_labels``.
+
+``forward``, ``train`` and ``fit`` take a ``precision`` (``trainer.precision``; fp32 when absent).
 
 ``train`` and ``resume`` also take a ``schedule`` (the rate set before every step, as the trainer does, the steps
 being one epoch) and a ``label_smoothing``; ``optimizer`` takes every key of cnnrun's optimizer group. ``train``
@@ -113,10 +117,10 @@ class Worker:
         self.out: Dict[str, np.ndarray] = {}
 
     def runner(self, model: CompiledModel, case: Dict[str, Any], optimizer: Dict[str, Any],
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, precision: str = "fp32"):
         return create_runner(
             self.framework, model, OptimizerConfig(**optimizer), self.options, DeviceConfig(name="cpu"),
-            0, tuple(case["mean"]), tuple(case["std"]), label_smoothing=label_smoothing,
+            0, tuple(case["mean"]), tuple(case["std"]), label_smoothing=label_smoothing, precision=precision,
         )
 
     @staticmethod
@@ -132,7 +136,7 @@ class Worker:
         weights = {k[len("weights/"):]: v for k, v in data.items() if k.startswith("weights/")}
         model = compile_model(case["spec"], tuple(case["input_shape"]), case["num_classes"])
         default_opt = {"name": "sgd", "lr": 0.01}
-        shared = None  # one runner serves info, forward and roundtrip
+        shared: Dict[str, Any] = {}  # one runner per precision serves info, forward and roundtrip
         for command in case["commands"]:
             kind, key = command["kind"], f"{case['name']}/{command.get('id', command['kind'])}"
             if kind == "train":
@@ -144,16 +148,21 @@ class Worker:
             if kind == "rates":
                 self.rates(key, model, case, command)
                 continue
-            if shared is None:
-                shared = self.runner(model, case, default_opt)
+            if kind == "fit":
+                self.fit(key, model, case, command, weights, data)
+                continue
+            precision = command.get("precision", "fp32")
+            if precision not in shared:
+                shared[precision] = self.runner(model, case, default_opt, precision=precision)
+            runner = shared[precision]
             if kind == "info":
-                self.info(key, shared, model)
+                self.info(key, runner, model)
             elif kind == "forward":
-                shared.set_weights(weights)
-                self.out[f"{key}/logits"] = shared.predict_logits(data["images"])
+                runner.set_weights(weights)
+                self.out[f"{key}/logits"] = runner.predict_logits(data["images"])
             elif kind == "roundtrip":
-                shared.set_weights(weights)
-                for name, value in shared.get_weights().items():
+                runner.set_weights(weights)
+                for name, value in runner.get_weights().items():
                     self.out[f"{key}/{name}"] = value
             else:
                 raise ValueError(f"unknown command {kind!r}")
@@ -166,7 +175,8 @@ class Worker:
     def train(self, key: str, case, command, weights, data) -> None:
         spec = command.get("spec", case["spec"])
         model = compile_model(spec, tuple(case["input_shape"]), case["num_classes"])
-        runner = self.runner(model, case, command["optimizer"], command.get("label_smoothing", 0.0))
+        runner = self.runner(model, case, command["optimizer"], command.get("label_smoothing", 0.0),
+                             command.get("precision", "fp32"))
         runner.set_weights(weights)
         set_rate = self.rate_setter(command, len(data["batch_images"]))
         mixes = None
@@ -199,6 +209,22 @@ class Worker:
         second.set_weights(saved_weights)
         second.set_training_state(saved_state)
         self.out[f"{key}/resumed"] = np.asarray(losses + _losses(second, batches[half:], set_rate, first_step=half))
+
+    def fit(self, key: str, model, case, command, weights, data) -> None:
+        """Train from the case's weights for whole epochs; each epoch's mean loss and the test accuracy."""
+        runner = self.runner(model, case, command["optimizer"], precision=command.get("precision", "fp32"))
+        runner.set_weights(weights)
+        images, labels, batch = data["fit_images"], data["fit_labels"], command["batch"]
+        epoch_losses = []
+        for _ in range(command["epochs"]):
+            for start in range(0, len(labels), batch):
+                runner.train_step(images[start:start + batch], labels[start:start + batch])
+            epoch_losses.append(runner.train_metrics()[0])
+        predictions = runner.predict_logits(data["fit_test_images"]).argmax(axis=1)
+        self.out[f"{key}/losses"] = np.asarray(epoch_losses)
+        self.out[f"{key}/test_acc"] = np.asarray((predictions == data["fit_test_labels"]).mean())
+        for name, value in runner.get_weights().items():
+            self.out[f"{key}/weights/{name}"] = value
 
     def rates(self, key: str, model, case, command) -> None:
         """Every step's rate of a whole run (``epochs`` × ``steps_per_epoch``), as the framework holds it."""

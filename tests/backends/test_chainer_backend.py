@@ -1,5 +1,6 @@
 """The Chainer backend against the compiler's shapes, the NumPy reference and the PyTorch backend."""
 
+import dataclasses
 import importlib.util
 import itertools
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 if importlib.util.find_spec("chainer") is None:  # not importorskip: a bare `import chainer` fails (see chainer_env)
     pytest.skip("chainer is not installed", allow_module_level=True)
 
-from cnnrun.backends import ChainerOptions, TorchOptions, create_runner, framework_version
+from cnnrun.backends import BACKENDS, ChainerOptions, TorchOptions, create_runner, framework_version
 from cnnrun.backends.chainer import Network, Noise
 from cnnrun.config import DeviceConfig, OptimizerConfig
 from cnnrun.errors import UserError
@@ -20,7 +21,9 @@ from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from tests.helpers import ROOT, shipped_model
 from tests.reference import random_weights, reference_logits
-from tests.specs import MOBILE, MOBILE_INPUT, POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused
+from tests.specs import (
+    MOBILE, MOBILE_INPUT, POOLING, POOLING_INPUT, STRESS, STRESS_INPUT, refused, without_dropout,
+)
 
 ADAM = OptimizerConfig(name="adam", lr=1e-3, weight_decay=1e-4)
 SGD = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -376,3 +379,37 @@ def test_cupy_cudnn_alias_shim_with_a_stand_in_cupy(tmp_path):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "cupyx.cudnn cupyx.cudnn"
+
+
+def test_mixed16_keeps_float32_master_weights_and_resumes_its_loss_scale(monkeypatch):
+    """trainer.precision=fp16 (Chainer's mixed16) is CUDA-only in cnnrun, but its bookkeeping is the same on NumPy:
+    allowed on the CPU here, it must report float32 weights (the optimizer's master copies), compute in float16
+    (logits off float32's by more than float32 rounding, within fp16's 5e-3), carry its loss scale through the
+    training state, and set_weights must reach the master copies the next update reads."""
+    chainer_info = BACKENDS["chainer"]
+    cpu_fp16 = {**chainer_info.precisions, "cpu": ("fp32", "fp16")}
+    monkeypatch.setitem(BACKENDS, "chainer", dataclasses.replace(chainer_info, precisions=cpu_fp16))
+    model = compile_model(without_dropout(STRESS), STRESS_INPUT, 10)
+    weights = random_weights(model, seed=2)
+    images, labels = random_images(STRESS_INPUT, n=8), np.arange(8) % 10
+    fp32 = runner_for(model)
+    c = model.input_shape[0]
+    mixed = create_runner("chainer", model, ADAM, ChainerOptions(), CPU, 0, (33.0,) * c, (78.0,) * c, precision="fp16")
+    for runner in (fp32, mixed):
+        runner.set_weights(weights)
+    off = np.abs(mixed.predict_logits(images) - fp32.predict_logits(images)).max()
+    assert 1e-4 < off <= 5e-3
+    for _ in range(3):
+        mixed.train_step(images, labels)
+    assert {w.dtype for w in mixed.get_weights().values()} == {np.dtype(np.float32)}
+    state = mixed.get_training_state()
+    assert float(state["loss_scale/scale"]) == 8.0  # Chainer's dynamic scale: 1, doubled after each finite step
+    shifted = {name: value + 0.5 for name, value in weights.items()}
+    mixed.set_weights(shifted)  # the master copies too: the next step starts from these weights
+    mixed.train_step(images, labels)
+    moved = {n: np.abs(w - shifted[n]).max() for n, w in mixed.get_weights().items() if "moving" not in n}
+    assert max(moved.values()) < 3 * ADAM.lr  # one Adam step from `shifted` (stale masters: 0.5 away)
+    resumed = create_runner("chainer", model, ADAM, ChainerOptions(), CPU, 0, (33.0,) * c, (78.0,) * c,
+                            precision="fp16")
+    resumed.set_training_state(state)
+    assert float(resumed.get_training_state()["loss_scale/scale"]) == 8.0

@@ -20,6 +20,7 @@ from cnnrun import checkpoint as ckpt_io
 from cnnrun.spec import compile_model
 from cnnrun.spec.init import initial_weights
 from tests.helpers import framework_params, mlflow_runs, run_cli
+from tests.tiny import TINY
 
 TEST_IMAGES = 1000  # mnist_5k's test split
 
@@ -115,6 +116,32 @@ def test_the_checkpoint_records_its_split_and_eval_refuses_another(trained):
                                               "test_fraction": 0.2}
     result = _eval([f"checkpoint={checkpoint}", "dataset.split_seed=7"], workdir)
     assert result.returncode == 2 and "Evaluate with dataset.split_seed=0" in result.stderr, result.stderr
+
+
+BF16_TEST_MARGIN = 5  # test images: bf16 and float32 inference may classify a few borderline images differently
+
+
+@pytest.mark.slow
+def test_a_bf16_trained_checkpoint_is_float32_and_evaluates_in_another_framework(tmp_path):
+    """trainer.precision=bf16 (torch): logged as an MLflow param; the checkpoint holds float32 tensors, and Chainer
+    (which has no bf16) evaluates it in float32 to the training run's test accuracy within BF16_TEST_MARGIN."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(["framework=torch", "trainer.precision=bf16", *TINY, f"tracking.uri={uri}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("outputs/*/*/model.safetensors")
+    assert {w.dtype for w in ckpt_io.load(checkpoint).weights.values()} == {np.dtype(np.float32)}
+    split = [arg for arg in TINY if arg.startswith("dataset.")]  # evaluate on the training run's test split
+    result = run_cli(["task=eval", f"checkpoint={checkpoint}", "framework=chainer", "device=cpu", *split,
+                      "trainer.progress=false", f"tracking.uri={uri}", "tracking.run_name=eval"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = mlflow_runs(uri)
+    (train,) = [r for r in runs if r.data.tags["cnnrun.task"] == "train"]
+    (evaluation,) = [r for r in runs if r.info.run_name == "eval"]
+    assert train.data.params["trainer.precision"] == "bf16"
+    assert evaluation.data.params.get("trainer.precision", "fp32") == "fp32"
+    test_images = round(TEST_IMAGES * 0.6 / 0.2)  # TINY's test_fraction 0.6 of mnist_5k's 5,000 images
+    difference = abs(train.data.metrics["test_acc"] - evaluation.data.metrics["test_acc"]) * test_images
+    assert difference <= BF16_TEST_MARGIN + 1e-9, (train.data.metrics, evaluation.data.metrics)
 
 
 # --------------------------------------------------------------------------------------------------- mistakes

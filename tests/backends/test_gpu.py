@@ -65,11 +65,11 @@ def _options(framework: str):
     return validate_options(framework, chosen)
 
 
-def _runner(framework, model, device, optimizer=ADAM):
+def _runner(framework, model, device, optimizer=ADAM, precision="fp32"):
     channels = model.input_shape[0]
     return create_runner(
         framework, model, optimizer, _options(framework), DeviceConfig(name=device), 0,
-        (0.5,) * channels, (0.25,) * channels,
+        (0.5,) * channels, (0.25,) * channels, precision=precision,
     )
 
 
@@ -123,3 +123,29 @@ def test_gpu_gradients_match_cpu(framework):
         assert np.isfinite(scale) and (scale > 0 or "moving" in name), name  # every parameter gets a gradient
         difference = float(np.max(np.abs(steps["cuda"][name] - step)))
         assert difference <= GRADIENT_RTOL * scale + 1e-6, f"{name}: {difference:.2e} of {scale:.2e}"
+
+
+# trainer.precision on CUDA (tests/backends/test_precision.py states the tolerances: bf16 keeps 8 significant bits,
+# fp16 11); Chainer runs fp16 (mixed16) only, on CUDA only.
+LOW_PRECISION_ATOL = {"bf16": 2e-2, "fp16": 5e-3}
+
+
+@pytest.mark.parametrize("precision", sorted(LOW_PRECISION_ATOL))
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_gpu_low_precision_matches_float32_and_trains(framework, precision):
+    if precision not in BACKENDS[framework].precisions["cuda"]:
+        pytest.skip(f"{framework} has no {precision} on CUDA")
+    model, weights, images, labels = _setup(framework, "stress")
+    fp32, low = _runner(framework, model, "cuda"), _runner(framework, model, "cuda", precision=precision)
+    for runner in (fp32, low):
+        runner.set_weights(weights)
+    expected, actual = fp32.predict_logits(images[0]), low.predict_logits(images[0])
+    assert actual.dtype == np.float32
+    off = float(np.max(np.abs(actual - expected)))
+    assert 1e-4 < off <= LOW_PRECISION_ATOL[precision], f"{precision} logits {off:.3g} from float32's"
+    losses = []
+    for _ in range(8):  # the same batch again and again: the loss must fall
+        low.train_step(images[0], labels[0])
+        losses.append(low.train_metrics()[0])
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    assert {w.dtype for w in low.get_weights().values()} == {np.dtype(np.float32)}

@@ -34,7 +34,8 @@ FRAMEWORKS = {
 }
 MPI_MISSING = shutil.which("mpiexec") is None
 TOLERANCE = {"tensorflow": 1e-5, "keras-tensorflow": 1e-5, "chainer": 1e-5,
-             "tensorflow-syncbn": 1e-4, "keras-tensorflow-syncbn": 1e-4}
+             "tensorflow-syncbn": 1e-4, "keras-tensorflow-syncbn": 1e-4,
+             "tensorflow-fp16": 1e-3}  # fp16 (loss scaling) rounds each shard's sums: measured 4.1e-4
 
 
 def _run(command: List[str], tmp_path: Path, env: Optional[Dict[str, str]] = None) -> None:

@@ -57,17 +57,23 @@ CASES = {
     "torch": [
         ("torch", "torch", {}, PLAIN, False),
         ("torch-syncbn", "torch", {}, BATCHNORM, True),
+        ("torch-fp16", "torch", {}, PLAIN, False),
+        ("torch-syncbn-bf16", "torch", {}, BATCHNORM, True),
         ("keras-torch", "keras", {"backend": "torch"}, PLAIN, False),
         ("keras-torch-syncbn", "keras", {"backend": "torch"}, BATCHNORM, True),
     ],
     "tensorflow": [
         ("tensorflow", "tensorflow", {}, PLAIN, False),
         ("tensorflow-syncbn", "tensorflow", {}, BATCHNORM, True),
+        ("tensorflow-fp16", "tensorflow", {}, PLAIN, False),
         ("keras-tensorflow", "keras", {"backend": "tensorflow"}, PLAIN, False),
         ("keras-tensorflow-syncbn", "keras", {"backend": "tensorflow"}, BATCHNORM, True),
     ],
     "chainer": [("chainer", "chainer", {}, PLAIN, False)],  # no synchronised batchnorm: sync_batchnorm_refusal
 }
+# Cases trained in another trainer.precision than fp32: fp16's loss scaling must compose with the ranks' loss
+# weighting (Chainer's mixed16 needs CUDA).
+PRECISION = {"torch-fp16": "fp16", "torch-syncbn-bf16": "bf16", "tensorflow-fp16": "fp16"}
 
 
 def main(out: str, engine_name: str = "torch") -> None:
@@ -79,7 +85,7 @@ def main(out: str, engine_name: str = "torch") -> None:
     for case, framework, options, spec, sync in CASES[engine_name]:
         model = compile_model(spec, DATASET.input_shape, DATASET.num_classes)
         runner = create_runner(framework, model, OPTIMIZER, validate_options(framework, options), device, 0,
-                               DATASET.mean, DATASET.std)
+                               DATASET.mean, DATASET.std, precision=PRECISION.get(case, "fp32"))
         if world.started:
             runner = ShardedRunner(runner, collective, engine.wrap(runner, collective, sync), model.num_classes)
         trainer = Trainer(runner, DATASET, TRAINER, NullLogger(), SilentView(), lambda kind, state: None,
