@@ -1,4 +1,5 @@
-"""CPU data parallelism, measured: 2 ranks × 1 thread (gloo, DDP) against 1 process × 2 threads, same global batch.
+"""CPU data parallelism, measured: 2 ranks × 1 thread (gloo, DDP) against 1 process × 2 threads, same global batch
+(and 1 process × 1 thread, the unit both scale from).
 
 Run: .venv/bin/python -m benchmarks.bench_distributed [--rounds 3] [--epochs 2] [--batch-size 128]
 Each round runs both variants once, in turn (so load on the machine hits them alike), each in fresh processes: the
@@ -74,6 +75,7 @@ def main() -> None:
         return
     me = [__file__, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
     variants = {
+        "1 process x 1 thread": [sys.executable, *me, "--worker-threads", "1"],
         "1 process x 2 threads": [sys.executable, *me, "--worker-threads", "2"],
         "2 ranks x 1 thread (gloo, DDP)": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                            "--nproc-per-node=2", *me, "--worker-threads", "1"],

@@ -43,6 +43,9 @@ KERAS_BACKENDS = ("tensorflow", "torch")
 OWN_KERAS_HOME = Path(__file__).with_name("keras_home")
 # The settings cnnrun's Keras network assumes, pinned again when Keras was imported before cnnrun's import.
 PINNED_CONFIG = {"image_data_format": "channels_last", "floatx": "float32", "epsilon": 1e-7}
+# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
+# count), set by a data-parallel engine (cnnrun.distributed, see set_batch_moments); None: this process's batch.
+_batch_moments: Optional[Callable] = None
 
 
 # --------------------------------------------------------------------------------------------------- import
@@ -92,6 +95,11 @@ def _pinned(keras):
     return keras
 
 
+def set_batch_moments(moments: Optional[Callable]) -> None:
+    global _batch_moments
+    _batch_moments = moments
+
+
 def _keras():
     keras = sys.modules.get("keras")
     if keras is None:
@@ -108,16 +116,6 @@ def framework_version() -> str:
 
 
 # --------------------------------------------------------------------------------------------------- layers
-
-
-# Batchnorm's training statistics when they span several processes: (x, reduction axes) → (mean, biased variance,
-# count), set by a data-parallel engine (cnnrun.distributed); None: this process's batch alone.
-_batch_moments: Optional[Callable] = None
-
-
-def set_batch_moments(moments: Optional[Callable]) -> None:
-    global _batch_moments
-    _batch_moments = moments
 
 
 def _real_cell_counts(n: int, kernel: int, stride: int, before: int, out: int) -> np.ndarray:

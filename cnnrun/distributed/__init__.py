@@ -146,9 +146,5 @@ def rank_device(device, world: World):
     return device.model_copy(update=update)
 
 
-def current_world() -> World:
-    return detect_world()
-
-
-__all__ = ["COLLECTIVE_TIMEOUT_S", "ENGINES", "SINGLE", "World", "WorkersFailed", "current_world", "detect_world",
+__all__ = ["COLLECTIVE_TIMEOUT_S", "ENGINES", "SINGLE", "World", "WorkersFailed", "detect_world",
            "devices_problems", "engine_key", "load_engine", "rank_device"]

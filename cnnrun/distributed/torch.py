@@ -14,6 +14,7 @@ autograd-aware all-reduces (:func:`global_moments`), on any device: torch's own 
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 import uuid
 from datetime import timedelta
@@ -55,7 +56,17 @@ def launch(nprocs: int, args: Sequence[str]) -> None:
     except SignalException as err:
         raise TrainingInterrupted(f"stopped by {err.sigval.name}: every rank was told to stop") from None
     except ChildFailedError as err:
+        if _interrupted(err):
+            raise TrainingInterrupted("the workers were stopped by a signal; rank 0 saved the state") from None
         raise WorkersFailed(_failures(err)) from None
+
+
+def _interrupted(err) -> bool:
+    """Whether the workers stopped because a signal reached them (not the launcher): one left as an interrupted
+    run does, and the others did too or were being stopped by the agent after it when it noticed."""
+    codes = [failure.exitcode for failure in err.failures.values()]
+    stopping = (-signal.SIGTERM, -signal.SIGINT)
+    return TrainingInterrupted.exit_code in codes and all(c in (TrainingInterrupted.exit_code, *stopping) for c in codes)
 
 
 def _failures(err) -> str:
@@ -231,6 +242,9 @@ def wrap(runner, collective: TorchCollective, sync_batchnorm: bool) -> TorchPara
     """DDP around a :class:`~cnnrun.backends.torch.TorchRunner`'s network or a Keras-on-torch runner's model."""
     from cnnrun.backends.torch import TorchRunner
 
+    rank = collective.world.rank
+    if rank:  # its own dropout masks, not rank 0's again on other rows (rank 0 keeps the checkpointed stream)
+        torch.manual_seed(torch.initial_seed() + rank)
     if isinstance(runner, TorchRunner):
         if sync_batchnorm:
             _sync_batchnorms(runner.net)

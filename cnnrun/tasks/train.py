@@ -67,8 +67,14 @@ def run(ctx) -> float:
     tags = {**run_tags(ctx, runner, version, "train"), "cnnrun.world_size": str(collective.world.size)}
     previous_run = resumed.origin.get("run_id") if resumed is not None else None
     logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run) if main else NullLogger()
-    with ending_run(logger, interrupts=(TrainingInterrupted,)):
-        result = _train(ctx, runner, dataset, logger, version, state, resumed is not None, collective)
+    try:
+        with ending_run(logger, interrupts=(TrainingInterrupted,)):
+            result = _train(ctx, runner, dataset, logger, version, state, resumed is not None, collective)
+    except TrainingInterrupted:
+        # Every rank stopped after the same step; the others wait here until rank 0 has ended the MLflow run, so
+        # that a launcher reacting to the first exit cannot cut rank 0 short.
+        collective.broadcast(None)
+        raise
     collective.close()
     return result
 

@@ -214,6 +214,20 @@ def kill_rank_1(launcher: subprocess.Popen, ranks: Dict[int, int]) -> None:
     os.kill(ranks[1], signal.SIGKILL)  # a rank that dies without a word (out of memory, a segfault)
 
 
+def terminate_rank_1(launcher: subprocess.Popen, ranks: Dict[int, int]) -> None:
+    os.kill(ranks[1], signal.SIGTERM)  # a scheduler preempting one process
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree at the next sync, so both stop after the same step; had rank 1
+    stopped alone, rank 0 would fail waiting for it and the run would end FAILED."""
+    code, output, _, _ = stopped_run(RUN, tmp_path, terminate_rank_1)
+    assert code == 130, output[-4000:]
+    assert output.count("state saved") == 1 and "stopped by another rank's stop request" in output, output[-4000:]
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [run.info.status for run in runs] == ["KILLED"]
+
+
 def test_a_crashed_rank_stops_the_others_and_the_run_ends_failed(tmp_path):
     code, output, _, _ = stopped_run(RUN, tmp_path, kill_rank_1)
     assert code == 1, output[-4000:]
