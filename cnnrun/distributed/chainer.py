@@ -57,6 +57,8 @@ def launch(nprocs: int, args: Sequence[str]) -> None:
     outcome = run_workers([*mpiexec_command(nprocs), sys.executable, "-m", "cnnrun", *args], [dict(os.environ)])
     if outcome.signal is not None:
         raise TrainingInterrupted(f"stopped by {outcome.signal}: every rank was told to stop")
+    if outcome.interrupted:
+        raise TrainingInterrupted("the ranks were stopped by a signal; rank 0 saved the state")
     if outcome.failures:
         raise WorkersFailed(f"training failed: mpiexec exited with code {outcome.failures[0]} (the failing rank's "
                             "messages are above); the other ranks were stopped")

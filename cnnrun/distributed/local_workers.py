@@ -16,16 +16,25 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from cnnrun.distributed.launch import die_with_parent
+from cnnrun.errors import TrainingInterrupted
 
 # Seconds workers have after SIGTERM (or a passed-on Ctrl-C) to reach a sync point, save once and end the
 # MLflow run, before SIGKILL.
 SHUTDOWN_TIMEOUT_S = 60
+INTERRUPTED = TrainingInterrupted.exit_code
 
 
 @dataclass
 class Outcome:
     signal: Optional[str] = None  # the signal that stopped the launcher, if one did
     failures: Dict[int, int] = field(default_factory=dict)  # rank → exit code (negative: killed by that signal)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the workers stopped because a signal reached one of them (not the launcher): it left as an
+        interrupted run does (exit 130), and the others did too, at the same step, or were being stopped."""
+        codes = set(self.failures.values())
+        return INTERRUPTED in codes and codes <= {INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}
 
     def describe(self) -> str:
         parts = [f"rank {rank} was killed by {signal.Signals(-code).name}" if code < 0 else
@@ -52,7 +61,8 @@ def run_workers(command: Sequence[str], environments: List[Dict[str, str]],
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while any(worker.poll() is None for worker in workers):
-            first_failure = stopping is None and any(w.returncode not in (None, 0) for w in workers)
+            # An interrupted worker (130) is not a failure: the others stop after the same step by themselves.
+            first_failure = stopping is None and any(w.returncode not in (None, 0, INTERRUPTED) for w in workers)
             if first_failure:
                 stopping = time.monotonic()
                 _signal_running(workers, signal.SIGTERM)

@@ -65,6 +65,8 @@ def launch(nprocs: int, args: Sequence[str]) -> None:
     outcome = run_workers([sys.executable, "-m", "cnnrun", *args], worker_environments(nprocs))
     if outcome.signal is not None:
         raise TrainingInterrupted(f"stopped by {outcome.signal}: every rank was told to stop")
+    if outcome.interrupted:
+        raise TrainingInterrupted("the workers were stopped by a signal; rank 0 saved the state")
     if outcome.failures:
         raise WorkersFailed(outcome.describe())
 
