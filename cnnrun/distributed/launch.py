@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from cnnrun.distributed import WorkersFailed, engine_key, load_engine
 from cnnrun.distributed.world import detect_world
@@ -111,6 +111,15 @@ def rank_hydra_args() -> List[str]:
     if not world.started or world.is_main or os.environ.get(LAUNCHER_PID):
         return []
     return ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=none"]
+
+
+def left_interrupted(exit_codes: Iterable[int]) -> bool:
+    """Whether workers that ended with ``exit_codes`` stopped because a signal reached one of them (not the
+    launcher): it left as an interrupted run does (exit 130), and the others did too, at the same step, or were
+    being stopped (SIGTERM, SIGINT) after it."""
+    codes = set(exit_codes)
+    interrupted = TrainingInterrupted.exit_code
+    return interrupted in codes and codes <= {interrupted, -signal.SIGTERM, -signal.SIGINT}
 
 
 def die_with_launcher() -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from cnnrun.distributed.launch import die_with_parent
+from cnnrun.distributed.launch import die_with_parent, left_interrupted
 from cnnrun.errors import TrainingInterrupted
 
 # Seconds workers have after SIGTERM (or a passed-on Ctrl-C) to reach a sync point, save once and end the
@@ -31,10 +31,7 @@ class Outcome:
 
     @property
     def interrupted(self) -> bool:
-        """Whether the workers stopped because a signal reached one of them (not the launcher): it left as an
-        interrupted run does (exit 130), and the others did too, at the same step, or were being stopped."""
-        codes = set(self.failures.values())
-        return INTERRUPTED in codes and codes <= {INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}
+        return left_interrupted(self.failures.values())
 
     def describe(self) -> str:
         parts = [f"rank {rank} was killed by {signal.Signals(-code).name}" if code < 0 else

@@ -27,6 +27,7 @@ from torch import nn
 
 from cnnrun.distributed import COLLECTIVE_TIMEOUT_S, WorkersFailed
 from cnnrun.distributed.shard import loss_weight
+from cnnrun.distributed.launch import left_interrupted
 from cnnrun.distributed.world import TORCHRUN, World
 from cnnrun.errors import TrainingInterrupted, UserError
 
@@ -56,17 +57,9 @@ def launch(nprocs: int, args: Sequence[str]) -> None:
     except SignalException as err:
         raise TrainingInterrupted(f"stopped by {err.sigval.name}: every rank was told to stop") from None
     except ChildFailedError as err:
-        if _interrupted(err):
+        if left_interrupted(failure.exitcode for failure in err.failures.values()):
             raise TrainingInterrupted("the workers were stopped by a signal; rank 0 saved the state") from None
         raise WorkersFailed(_failures(err)) from None
-
-
-def _interrupted(err) -> bool:
-    """Whether the workers stopped because a signal reached them (not the launcher): one left as an interrupted
-    run does, and the others did too or were being stopped by the agent after it when it noticed."""
-    codes = [failure.exitcode for failure in err.failures.values()]
-    stopping = (-signal.SIGTERM, -signal.SIGINT)
-    return TrainingInterrupted.exit_code in codes and all(c in (TrainingInterrupted.exit_code, *stopping) for c in codes)
 
 
 def _failures(err) -> str:
