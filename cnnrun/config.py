@@ -96,10 +96,11 @@ class DatasetConfig(_Group):
     )
     on_device: Literal["auto", True, False] = Field(
         default="auto",
-        description="true: every split's images are copied into this process's memory once; false: each batch "
-        "reads its rows from the memory-mapped cache (memory stays flat however large the dataset); auto: as false "
-        "(the OS page cache already keeps a dataset that fits in RAM, shared and reclaimable). On a GPU too, in host "
-        "memory: images are not held in GPU memory yet.",
+        description="true: every split's images are copied once into the framework's arrays on the run's device "
+        "(GPU memory on a GPU) and each batch is gathered there, with no copy per step; false: batches are "
+        "prepared on the host (read from the memory-mapped cache, augmented, on a background thread) and copied "
+        "to the device; auto: true on a GPU when the images take at most a quarter of its free memory, else false. "
+        "Augmentations and dataset.cache=false need host batches.",
     )
 
     @field_validator("cache")
@@ -108,6 +109,20 @@ class DatasetConfig(_Group):
         # The downloadable datasets are decoded from archives, not files one per image: nothing to decode per batch.
         if not value and info.data.get("name") != "folder":
             raise ValueError("dataset.cache=false decodes image files per batch: only dataset=folder has them")
+        return value
+
+    @field_validator("on_device")
+    @classmethod
+    def _held_batches_are_plain(cls, value, info: ValidationInfo):
+        # Augmentations and on-the-fly decoding work on host batches: a held dataset could only skip them.
+        if value is True:
+            augment = info.data.get("augment")
+            if augment is not None and augment.any:
+                raise ValueError("true gathers batches on the device, but dataset.augment runs on host batches: "
+                                 "set dataset.on_device=auto or false to augment")
+            if info.data.get("cache") is False:
+                raise ValueError("true holds every decoded image on the device, and dataset.cache=false decodes "
+                                 "each batch's files as needed: set dataset.on_device=auto or false")
         return value
 
     _square = field_validator("image_size", mode="before")(lambda cls, v: _pair(v, "image_size", 1))

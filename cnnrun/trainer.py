@@ -1,6 +1,6 @@
 """One training loop for every framework.
 
-The loop sees a :class:`~cnnrun.backends.Runner` and NumPy batches only. It syncs with the device every
+The loop sees a :class:`~cnnrun.backends.Runner` and the batches a feed (:mod:`cnnrun.data.feed`) gives it. It syncs with the device every
 ``trainer.log_every`` steps (to show live metrics and catch divergence), never every step. It checkpoints after
 each epoch, stops early on a plateau of validation loss, and on Ctrl-C, SIGTERM or ``trainer.max_time`` it
 finishes the current step, saves its full state and raises :class:`TrainingInterrupted`. With several processes
@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import iterate_batches, num_batches, prefetched, training_batches
+from cnnrun.data.feed import HOST
+from cnnrun.data.pipeline import num_batches
 from cnnrun.distributed.collective import LOCAL, any_rank
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.metrics import summarise
@@ -102,10 +103,9 @@ class StopSignal:
         return self.reason is not None
 
 
-def evaluate(runner, split: Split, batch_size: int):
+def evaluate(runner, split: Split, batch_size: int, feed=HOST):
     """(loss, accuracy, predictions) of the runner in inference mode over a whole split."""
-    batches = ((runner.predict_logits(x), y) for x, y in prefetched(iterate_batches(split, batch_size)))
-    return summarise(batches)
+    return summarise((runner.predict_logits(x), y) for x, y in feed.inference(split, batch_size))
 
 
 class Trainer:
@@ -119,8 +119,10 @@ class Trainer:
         save_checkpoint: Callable[[str, TrainState], None],
         learning_rate: Optional[LearningRate] = None,
         collective=LOCAL,
+        feed=HOST,
     ):
         self.runner = runner
+        self.feed = feed  # how batches reach the runner (cnnrun.data.feed): host batches, or gathered on the device
         self.collective = collective  # the other ranks, to agree on stopping (LOCAL: this process alone)
         self.dataset = dataset
         self.cfg = cfg
@@ -154,9 +156,8 @@ class Trainer:
         started = time.perf_counter()
         since_sync = 0
         stopping = False
-        # gathered and augmented on a background thread, in order, seeded per batch (exact on resume)
-        batches = prefetched(training_batches(train, cfg.batch_size, cfg.seed, epoch, augment, state.batch))
-        for images, labels, mix in batches:
+        # in the epoch's seeded order, augmented with per-batch seeds (exact on resume), prepared ahead of the step
+        for images, labels, mix in self.feed.training(train, cfg.batch_size, cfg.seed, epoch, augment, state.batch):
             if self.learning_rate is not None:
                 self._set_rate(epoch, state.batch, steps, state)
             self.runner.train_step(images, labels, mix)
@@ -208,7 +209,7 @@ class Trainer:
     def _validate(self) -> Tuple[Optional[float], Optional[float]]:
         if not self.validates:
             return None, None
-        loss, acc, _ = evaluate(self.runner, self.dataset.val, self.cfg.eval_batch_size)
+        loss, acc, _ = evaluate(self.runner, self.dataset.val, self.cfg.eval_batch_size, self.feed)
         return loss, acc
 
     def _sync(self, state: TrainState, started: float, steps: int) -> None:

@@ -35,6 +35,15 @@ class SoftmaxRegression:
         self.mixes: List[float] = []  # λ of every mixed step
         self._loss_sum, self._correct, self._count = 0.0, 0, 0
 
+    def hold(self, array) -> np.ndarray:
+        return np.array(array)  # this runner's device is the process's memory: a copy, as a GPU runner's would be
+
+    def gather(self, held: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return held.take(index, axis=0)
+
+    def device_memory(self):
+        return None
+
     def _logits(self, images: np.ndarray) -> np.ndarray:
         return images.reshape(len(images), -1) / 255.0 @ self.kernel.T + self.bias
 

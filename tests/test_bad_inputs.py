@@ -73,6 +73,8 @@ CASES = [
     ("dataset-fraction", ["dataset.val_fraction=1.5"], ["dataset.val_fraction"]),
     ("dataset-cache-off-without-files", ["dataset.cache=false"], ["dataset.cache", "only dataset=folder"]),
     ("dataset-on-device-unknown", ["dataset.on_device=gpu"], ["dataset.on_device: expected 'auto', True or False"]),
+    ("dataset-on-device-augmented", ["dataset.on_device=true", "dataset.augment.horizontal_flip=true"],
+     ["dataset.on_device: true gathers batches on the device, but dataset.augment runs on host batches"]),
     ("tracking-enabled-word", ["tracking.enabled=perhaps"], ["tracking.enabled: expected true or false"]),
     ("framework-option-unknown", ["+framework.fast=true"], ["framework.fast: unknown key"]),
     ("keras-backend-unknown", ["framework=keras", "framework.backend=jax"], ["framework.backend"]),

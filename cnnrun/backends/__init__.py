@@ -29,9 +29,20 @@ Weights = Dict[str, "np.ndarray"]
 
 
 class Runner(Protocol):
-    """A built model with its optimizer on a device. Images arrive as (N, H, W, C) uint8, labels as int64."""
+    """A built model with its optimizer on a device. Images arrive as (N, H, W, C) uint8, labels as int64: NumPy
+    batches, or batches gathered from what :meth:`hold` put on the device (see :mod:`cnnrun.data.feed`)."""
 
     device_name: str  # what it really runs on, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
+
+    def hold(self, array) -> Any:
+        """``array`` (an array or a memory-mapped split) copied once into the framework's own array on this
+        runner's device, for batches gathered there."""
+
+    def gather(self, held, index) -> Any:
+        """Rows ``index`` (a held int64 vector) of ``held``, on the device."""
+
+    def device_memory(self) -> Optional[int]:
+        """Bytes free on the device; None on the CPU, or where the framework cannot say."""
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         """One optimizer step. Must not wait for the device: metrics accumulate where they are computed.

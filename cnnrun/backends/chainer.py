@@ -27,6 +27,7 @@ from cnnrun.backends.building import (
     write_canonical,
 )
 from cnnrun.backends.devices import gpu_index
+from cnnrun.data.rows import chunks
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -488,8 +489,30 @@ class ChainerRunner:
         self._correct = self.xp.zeros((), np.int64)
         self._count = 0
 
-    def _inputs(self, images: np.ndarray):
-        x = self.xp.asarray(images)  # the uint8 batch crosses to the GPU at a quarter of float32's size
+    def hold(self, array):
+        """``array`` (an array or a memory-mapped split) copied onto this runner's device once, a bounded chunk
+        at a time (the host never holds a second copy of a large split)."""
+        with chainer.using_device(self.device):
+            out = self.xp.empty(array.shape, array.dtype)
+            start = 0
+            for chunk in chunks(array):
+                out[start:start + len(chunk)] = self.xp.asarray(chunk)
+                start += len(chunk)
+        return out
+
+    def gather(self, held, index):
+        with chainer.using_device(self.device):
+            return held.take(index, axis=0)
+
+    def device_memory(self):
+        """Bytes free on the GPU; None on the CPU."""
+        if self.xp is np:
+            return None
+        with chainer.using_device(self.device):
+            return self.xp.cuda.runtime.memGetInfo()[0]
+
+    def _inputs(self, images):
+        x = self.xp.asarray(images)  # a host batch: uint8 crosses to the GPU at a quarter of float32's size
         x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
         x -= self.mean
         x *= self.inv_std

@@ -576,14 +576,31 @@ class KerasTorchRunner:
         self._correct = self.torch.zeros((), dtype=self.torch.int64, device=self.device)
         self._count = 0
 
-    def _inputs(self, images: np.ndarray):
-        x = self.torch.from_numpy(images).to(self.device, non_blocking=True).float()
+    def hold(self, array):
+        from cnnrun.backends.torch import hold
+
+        return hold(array, self.device)
+
+    def gather(self, held, index):
+        from cnnrun.backends.torch import gather
+
+        return gather(held, index)
+
+    def device_memory(self):
+        from cnnrun.backends.torch import free_memory
+
+        return free_memory(self.device)
+
+    def _inputs(self, images):
+        from cnnrun.backends.torch import to_device
+
+        x = to_device(images, self.device).float()
         return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
-        from cnnrun.backends.torch import cross_entropy
+    def train_step(self, images, labels, mix=None) -> None:
+        from cnnrun.backends.torch import cross_entropy, to_device
 
-        y = self.torch.from_numpy(labels).to(self.device, non_blocking=True)
+        y = to_device(labels, self.device)
         with self.keras.device(self.scope):
             logits = self.keras_model(self._inputs(images), training=True)
         loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32

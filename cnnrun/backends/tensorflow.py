@@ -33,6 +33,7 @@ from cnnrun.backends.building import (
     write_canonical,
 )
 from cnnrun.backends.devices import gpu_index
+from cnnrun.data.rows import chunks
 from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
@@ -641,6 +642,11 @@ def cross_entropies(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float
     return (1.0 - label_smoothing) * nll + label_smoothing * uniform
 
 
+def _int64(labels):
+    """Labels as the compiled step's int64: a NumPy batch converted, a held tensor (int64 already) as it is."""
+    return labels if isinstance(labels, tf.Tensor) else labels.astype(np.int64, copy=False)
+
+
 class TensorFlowRunner:
     """The Runner protocol over a network of tf.Variables: compiled train and predict functions, metrics on device.
 
@@ -743,14 +749,29 @@ class TensorFlowRunner:
         serves)."""
         return tf.cast(self.net(self._inputs(images), training=False), tf.float32)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
+    def hold(self, array) -> tf.Tensor:
+        """``array`` (an array or a memory-mapped split) as a tensor on this runner's device, copied once a
+        bounded chunk at a time (then joined there: the host never holds a second copy of a large split)."""
+        with tf.device(self.device):
+            parts = [tf.identity(tf.convert_to_tensor(np.ascontiguousarray(chunk))) for chunk in chunks(array)]
+            return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def gather(self, held: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+        with tf.device(self.device):
+            return tf.gather(held, index)
+
+    def device_memory(self) -> None:
+        """TensorFlow reports what it has allocated, not what is free: unknown (dataset.on_device=auto keeps
+        host batches)."""
+        return None
+
+    def train_step(self, images, labels, mix=None) -> None:
         total = np.float32(len(labels) if self.global_batch is None else self.global_batch)
         with tf.device(self.device):
             if mix is None:
-                self._train(images, labels.astype(np.int64, copy=False), total)
+                self._train(images, _int64(labels), total)
             else:
-                self._train_mixed(images, labels.astype(np.int64, copy=False), total,
-                                  mix.partner_labels.astype(np.int64, copy=False), np.float32(mix.lam))
+                self._train_mixed(images, _int64(labels), total, _int64(mix.partner_labels), np.float32(mix.lam))
         self._count += len(labels)
 
     def set_learning_rate(self, lr: float) -> None:

@@ -21,6 +21,7 @@ from cnnrun.backends.building import (
     write_canonical,
 )
 from cnnrun.backends.devices import gpu_index
+from cnnrun.data.rows import chunks
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -280,6 +281,37 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``: a NumPy batch is copied (from page-locked memory on CUDA, so the copy is an
+    asynchronous DMA, not a staged one); a tensor already held there (:func:`hold`, gathered) is used as it is."""
+    if isinstance(array, torch.Tensor):
+        return array
+    source = torch.from_numpy(array)
+    if device.type == "cuda":
+        source = source.pin_memory()
+    return source.to(device, non_blocking=True)
+
+
+def hold(array, device: torch.device) -> torch.Tensor:
+    """``array`` (an array or a memory-mapped split) copied onto ``device`` once, a bounded chunk at a time, so
+    the host never holds a second copy of a large split."""
+    out = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, device=device)
+    start = 0
+    for chunk in chunks(array):
+        out[start:start + len(chunk)].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
+        start += len(chunk)
+    return out
+
+
+def gather(held: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return held.index_select(0, index)
+
+
+def free_memory(device: torch.device):
+    """Bytes free on a CUDA device; None on the CPU (no memory of its own to run out of)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 class MixedPrecision:
     """``trainer.precision`` in PyTorch: autocast regions and, for fp16, loss scaling with torch.amp.GradScaler.
 
@@ -371,14 +403,16 @@ class TorchRunner:
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._count = 0
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        source = torch.from_numpy(array)
-        if self.device.type == "cuda":  # page-locked: the copy is then an asynchronous DMA, not a staged one
-            source = source.pin_memory()
-        return source.to(self.device, non_blocking=True)
+    def hold(self, array) -> torch.Tensor:
+        return hold(array, self.device)
 
-    def _inputs(self, images: np.ndarray) -> torch.Tensor:
-        x = self._to_device(images)
+    gather = staticmethod(gather)
+
+    def device_memory(self):
+        return free_memory(self.device)
+
+    def _inputs(self, images) -> torch.Tensor:
+        x = to_device(images, self.device)
         # (N, H, W, C) uint8 viewed as NCHW: the permuted view is already channels_last in memory.
         x = x.permute(0, 3, 1, 2).float()
         x = (x - self.mean) * self.inv_std
@@ -387,7 +421,7 @@ class TorchRunner:
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
         self.net.train()
         x = self._inputs(images)
-        y = self._to_device(labels)
+        y = to_device(labels, self.device)
         with self.precision.autocast():
             logits = self.forward(x)
         loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32

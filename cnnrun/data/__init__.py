@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -135,16 +135,7 @@ def load_dataset(cfg) -> Dataset:
         raise UserError(
             f"dataset.num_classes is {cfg.num_classes} but {cfg.name} has {dataset.num_classes} classes"
         )
-    # getattr: tests and benchmarks load with a namespace of just the split keys; holding in RAM is opt-in
-    return in_memory(dataset) if getattr(cfg, "on_device", False) is True else dataset
-
-
-def in_memory(dataset: Dataset) -> Dataset:
-    """The dataset with every split's images read into this process's memory once (``dataset.on_device=true``
-    on the CPU): no reads from the map per batch, at the cost of RAM the size of the dataset."""
-    splits = {name: getattr(dataset, name) for name in ("train", "val", "test")}
-    held = {name: Split(np.asarray(split.images), split.labels) for name, split in splits.items()}
-    return replace(dataset, **held)
+    return dataset
 
 
 def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

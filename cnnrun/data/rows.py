@@ -92,10 +92,6 @@ class Rows:
         array = self.take(np.arange(len(self)))
         return array if dtype is None else array.astype(dtype)
 
-    def in_memory(self) -> np.ndarray:
-        """All of this split's images in RAM (what ``dataset.on_device=true`` does on the CPU)."""
-        return np.asarray(self)
-
 
 def chunks(images, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """The images about ``max_bytes`` at a time, pages released after each: for passes over a whole split."""

@@ -80,14 +80,15 @@ def make_checkpoint(ctx, runner, dataset: Dataset, origin: Dict, progress: Dict,
 
 
 def report_test(ctx, runner, dataset: Dataset, logger, title: str, prefix: str = "test",
-                logits: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """Evaluate on the test split (or take its ``logits`` when already computed), log test metrics and the
-    confusion-matrix PNG; return the metrics."""
+                logits: Optional[np.ndarray] = None, feed=None) -> Dict[str, float]:
+    """Evaluate on the test split through ``feed`` (default: host batches), or take its ``logits`` when already
+    computed; log test metrics and the confusion-matrix PNG; return the metrics."""
+    from cnnrun.data.feed import HOST
     from cnnrun.plots import confusion_matrix_plot
     from cnnrun.trainer import evaluate
 
     if logits is None:
-        loss, acc, predictions = evaluate(runner, dataset.test, ctx.cfg.trainer.eval_batch_size)
+        loss, acc, predictions = evaluate(runner, dataset.test, ctx.cfg.trainer.eval_batch_size, feed or HOST)
     else:
         loss, acc, predictions = summarise([(logits, dataset.test.labels)])
     metrics = {f"{prefix}_loss": loss, f"{prefix}_acc": acc}

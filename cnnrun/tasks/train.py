@@ -16,6 +16,7 @@ import yaml
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
 from cnnrun.config import flatten_for_logging
+from cnnrun.data.feed import choose_feed
 from cnnrun.distributed import launch
 from cnnrun.distributed.session import join_world, parallel_runner
 from cnnrun.errors import TrainingInterrupted, UserError
@@ -63,13 +64,15 @@ def run(ctx) -> float:
         if collective.world.is_main:
             _carry_best(resume_path, ctx.output_dir / "checkpoints")
     runner = parallel_runner(runner, collective, cfg, ctx.compiled.num_classes)
+    feed = choose_feed(cfg.dataset, runner, dataset)
     main = collective.world.is_main
-    tags = {**run_tags(ctx, runner, version, "train"), "cnnrun.world_size": str(collective.world.size)}
+    tags = {**run_tags(ctx, runner, version, "train"), "cnnrun.world_size": str(collective.world.size),
+            "cnnrun.batches": feed.where}
     previous_run = resumed.origin.get("run_id") if resumed is not None else None
     logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run) if main else NullLogger()
     try:
         with ending_run(logger, interrupts=(TrainingInterrupted,)):
-            result = _train(ctx, runner, dataset, logger, version, state, resumed is not None, collective)
+            result = _train(ctx, runner, dataset, feed, logger, version, state, resumed is not None, collective)
     except TrainingInterrupted:
         # Every rank stopped after the same step; the others wait here until rank 0 has ended the MLflow run, so
         # that a launcher reacting to the first exit cannot cut rank 0 short.
@@ -79,12 +82,13 @@ def run(ctx) -> float:
     return result
 
 
-def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resuming: bool, collective) -> float:
+def _train(ctx, runner, dataset, feed, logger, version: str, state: TrainState, resuming: bool, collective
+           ) -> float:
     cfg, out = ctx.cfg, ctx.output_dir
     world = collective.world
     checkpoints = out / "checkpoints"
     if not world.is_main:
-        return _train_rank(ctx, runner, dataset, logger, state, collective)
+        return _train_rank(ctx, runner, dataset, feed, logger, state, collective)
     if resuming:  # the run's params were logged when it started; MLflow params cannot change
         logger.set_tags({"cnnrun.resumed_from": cfg.trainer.resume, "cnnrun.resumed_at_epoch": state.epoch + 1})
     else:
@@ -107,15 +111,16 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
         ckpt_io.save(checkpoints / f"{kind}.safetensors", ckpt)
 
     ranks = f" × {world.size} processes" if world.size > 1 else ""
+    held = ", images held on the device" if feed.where == "device" else ""
     console.print(
-        f"[bold]{ctx.compiled.name}[/] on {dataset.name} ({len(dataset.train):,} train images) with "
+        f"[bold]{ctx.compiled.name}[/] on {dataset.name} ({len(dataset.train):,} train images{held}) with "
         f"{cfg.framework.name} {version} on {runner.device_name}{ranks}; run {logger.run_id or '(not tracked)'}"
     )
-    state = _fit(ctx, runner, dataset, logger, ProgressView(cfg.trainer.progress, cfg.trainer.epochs), save, state,
-                 collective)
+    state = _fit(ctx, runner, dataset, feed, logger, ProgressView(cfg.trainer.progress, cfg.trainer.epochs), save,
+                 state, collective)
     restored = _restore_best(cfg, runner, checkpoints / "best.safetensors", collective)
     title = f"{ctx.compiled.name} / {cfg.framework.name}"
-    test = report_test(ctx, runner, dataset, logger, title)
+    test = report_test(ctx, runner, dataset, logger, title, feed=feed)
     logger.log_metrics(kept_epoch_metrics(state, restored))
     final = ckpt_io.save(
         out / "model.safetensors",
@@ -131,10 +136,11 @@ def _train(ctx, runner, dataset, logger, version: str, state: TrainState, resumi
     return job_result(ctx, logger)  # sweep.objective (default: kept_val_acc)
 
 
-def _fit(ctx, runner, dataset, logger, view, save, state: TrainState, collective) -> TrainState:
+def _fit(ctx, runner, dataset, feed, logger, view, save, state: TrainState, collective) -> TrainState:
     cfg = ctx.cfg
     rate = LearningRate(ctx.schedule, cfg.optimizer.lr, cfg.trainer.epochs)
-    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save, learning_rate=rate, collective=collective)
+    trainer = Trainer(runner, dataset, cfg.trainer, logger, view, save, learning_rate=rate, collective=collective,
+                      feed=feed)
     try:
         return trainer.fit(state, augment=cfg.dataset.augment)
     except Exception as err:
@@ -159,12 +165,12 @@ def _restore_best(cfg, runner, best, collective) -> bool:
     return restored
 
 
-def _train_rank(ctx, runner, dataset, logger, state: TrainState, collective) -> float:
+def _train_rank(ctx, runner, dataset, feed, logger, state: TrainState, collective) -> float:
     """A rank other than 0: the same training, validation and test steps (its shards of them), writing nothing."""
     cfg = ctx.cfg
-    _fit(ctx, runner, dataset, logger, SilentView(), lambda kind, state: None, state, collective)
+    _fit(ctx, runner, dataset, feed, logger, SilentView(), lambda kind, state: None, state, collective)
     _restore_best(cfg, runner, None, collective)
-    evaluate(runner, dataset.test, cfg.trainer.eval_batch_size)  # rank 0's test report needs this rank's shards
+    evaluate(runner, dataset.test, cfg.trainer.eval_batch_size, feed)  # rank 0's test report needs this rank's shards
     return float("nan")
 
 

@@ -202,17 +202,3 @@ def test_an_uncached_folder_is_decoded_per_batch_and_a_corrupt_file_stops_it_by_
     assert isinstance(error, UserError), error
     assert str(broken) in str(error) and "could not be read (decoded as needed" in str(error)
     assert len(items) < 6  # of 6 batches: stopped at the one that holds it
-
-
-def test_on_device_true_holds_the_images_in_memory(tmp_path, make_cfg):
-    root = _folder(tmp_path / "imgs")
-    settings = dict(root=str(root), image_size=(10, 10), num_classes=2)
-    mapped = load_dataset(make_cfg("folder", on_device=False, **settings))
-    assert isinstance(load_dataset(make_cfg("folder", **settings)).train.images, Rows)  # auto: as false
-    held = load_dataset(make_cfg("folder", on_device=True, **settings))
-    assert isinstance(mapped.train.images, Rows) and isinstance(mapped.train.images.source, np.memmap)
-    for name in ("train", "val", "test"):
-        images = getattr(held, name).images
-        assert type(images) is np.ndarray
-        np.testing.assert_array_equal(images, np.asarray(getattr(mapped, name).images))
-    assert [len(x) for x, _ in iterate_batches(held.test, 2)] == [len(x) for x, _ in iterate_batches(mapped.test, 2)]

@@ -5,7 +5,8 @@ checkpoints/last.safetensors exists, then ``trainer.resume=last``. With many ste
 inside epoch 2 (checked from the saved progress); with one step per epoch it lands at the end of epoch 2, so the
 resume starts at an epoch boundary. Compared with the straight run: the whole per-epoch metric history in MLflow
 (every step once), every other metric, the history stored in the final checkpoint, and the tensors of the best and
-final checkpoints.
+final checkpoints. In the "held" case the interrupted and resumed runs gather their batches from the framework's
+own arrays (``dataset.on_device=true``) and are compared with a straight run on host batches.
 
 Tolerances: torch and chainer on the CPU resume bit for bit (weights, optimizer slots, dropout RNG and data order
 are all restored), so everything is compared exactly except the per-epoch train loss, which is summed in float64
@@ -40,8 +41,9 @@ layers:
   - {type: softmax}
 """
 TRAIN_IMAGES = 500  # mnist_5k with these fractions: 500 train, 1,500 validation, 3,000 test images
-# batch size → where the interrupt lands: 100 steps per epoch (inside epoch 2) or 1 (at the end of epoch 2)
-WHERE = {"mid-epoch": 5, "epoch-boundary": TRAIN_IMAGES}
+# batch size → where the interrupt lands: 100 steps per epoch (inside epoch 2) or 1 (at the end of epoch 2);
+# "held": the images held by the framework (dataset.on_device=true), batches gathered from its arrays
+WHERE = {"mid-epoch": 5, "epoch-boundary": TRAIN_IMAGES, "mid-epoch-held": 5}
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
 TIMINGS = ("epoch_seconds", "images_per_s", "seconds")
 
@@ -112,6 +114,8 @@ def test_resume_equals_uninterrupted(framework, where, workdir):
     straight.mkdir(), broken.mkdir()
     result = run_cli(args + [f"tracking.uri=sqlite:///{straight}/m.db"], straight)
     assert result.returncode == 0, result.stderr[-2000:]
+    # held: the interrupted and resumed runs gather from held arrays, and still equal the straight run's host batches
+    args += ["dataset.on_device=true"] if where.endswith("held") else []
 
     uri = f"sqlite:///{broken}/m.db"
     code, err = _interrupt_after_epoch_1(args + [f"tracking.uri={uri}"], broken)
@@ -119,7 +123,7 @@ def test_resume_equals_uninterrupted(framework, where, workdir):
     assert _run(uri)[1].info.status == "KILLED"
     (interrupted,) = broken.glob("outputs/*/*/checkpoints/last.safetensors")
     progress = ckpt_io.load(interrupted).progress
-    if where == "mid-epoch":
+    if where.startswith("mid-epoch"):
         assert progress["epoch"] == 1 and 0 < progress["batch"] < TRAIN_IMAGES // WHERE[where], progress
     else:
         assert (progress["epoch"], progress["batch"]) == (2, 0), progress
