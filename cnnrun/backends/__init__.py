@@ -41,6 +41,10 @@ class Runner(Protocol):
     def gather(self, held, index) -> Any:
         """Rows ``index`` (a held int64 vector) of ``held``, on the device."""
 
+    def stage(self, array: np.ndarray) -> Any:
+        """A host batch made ready for its step ahead of time, called on the prefetch thread: copied to a GPU
+        there (asynchronously to the running step), or returned as it is."""
+
     def device_memory(self) -> Optional[int]:
         """Bytes free on the device; None on the CPU, or where the framework cannot say."""
 

@@ -500,6 +500,12 @@ class ChainerRunner:
                 start += len(chunk)
         return out
 
+    def stage(self, array):
+        """The host batch itself: Chainer copies it in the step (CuPy's memory pool reuses a block freed on
+        another stream as soon as it is freed, so a side-stream copy could overwrite a batch a queued step still
+        reads). A dataset held on the GPU (dataset.on_device) has no copies at all."""
+        return array
+
     def gather(self, held, index):
         with chainer.using_device(self.device):
             return held.take(index, axis=0)

@@ -8,7 +8,8 @@ Keras with another backend gets a clear error. The user's own Keras settings (``
 - on TensorFlow, the model runs inside the TensorFlow backend's ``tf.function`` train step (GradientTape over
   the model's variables, cnnrun's PyTorch-rule Adam/SGD), see :class:`cnnrun.backends.tensorflow.TensorFlowRunner`;
 - on PyTorch, the model is called eagerly on torch tensors, ``loss.backward()`` fills the Keras variables'
-  ``torch.nn.Parameter`` gradients and ``torch.optim`` updates them (the same optimizer as framework=torch).
+  ``torch.nn.Parameter`` gradients and ``torch.optim`` updates them (the same optimizer as framework=torch), see
+  :mod:`cnnrun.backends.keras_torch`.
 
 Padding is explicit wherever a Keras backend could disagree with the spec's TensorFlow semantics: padded max
 pooling pads with -inf, padded average pooling divides by each window's real cells (Keras 3's torch backend
@@ -26,21 +27,14 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from cnnrun.backends import BACKENDS, mean_metrics
-from cnnrun.backends.building import (
-    BuildContext,
-    Built,
-    assign_reshaped,
-    read_canonical,
-    slots_by_tensor,
-    write_canonical,
-)
+from cnnrun.backends import BACKENDS
+from cnnrun.backends.building import BuildContext, Built, assign_reshaped
 from cnnrun.errors import UserError, one_of
-from cnnrun.layout import flatten_permutation, from_canonical, to_canonical
+from cnnrun.layout import flatten_permutation
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 from cnnrun.spec.shapes import real_cell_scale
@@ -525,150 +519,6 @@ def _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label
     return runner
 
 
-# --------------------------------------------------------------------------------------------------- PyTorch
-
-
-class KerasTorchRunner:
-    """The Runner protocol for a Keras model on Keras's torch backend: eager calls, autograd, ``torch.optim``."""
-
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0, precision: str = "fp32"):
-        import torch
-
-        from cnnrun.backends.torch import MixedPrecision, make_optimizer, resolve_device, set_tf32
-        from cnnrun.spec.init import initial_weights
-
-        if options.jit_compile:
-            raise UserError(
-                "framework.jit_compile=true needs framework.backend=tensorflow (XLA); Keras models on the "
-                "torch backend run eagerly here"
-            )
-        self.torch = torch
-        self.model = model
-        self.device = resolve_device(device)
-        if self.device.type == "cuda":
-            set_tf32(False)  # IEEE float32, like every other framework (Keras has no TF32 option of its own)
-        if self.device.type == "cpu" and device.threads:
-            torch.set_num_threads(device.threads)
-        torch.manual_seed(seed)
-        self.keras = _keras()
-        self.scope = str(self.device)
-        with self.keras.device(self.scope), dtype_policy(precision):
-            self.keras_model, self.builder = build_model(model, seed)
-        # The dtype policy casts the layers; this scales the fp16 loss (its autocast is not used).
-        self.precision = MixedPrecision(precision, self.device)
-        self.tensors = self.builder.tensors
-        self.trainable_names = self.builder.trainable
-        self.set_weights(initial_weights(model, seed))
-        shape = (1, 1, 1, len(mean))
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
-        self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
-        self.params = [self.tensors[name].value for name in self.trainable_names]
-        self.optimizer = make_optimizer(self.params, optimizer, fused=True)
-        self.clip_norm = optimizer.clip_norm
-        self.label_smoothing = label_smoothing
-        self._zero_metrics()
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
-
-    def _zero_metrics(self) -> None:
-        self._loss_sum = self.torch.zeros((), device=self.device)
-        self._correct = self.torch.zeros((), dtype=self.torch.int64, device=self.device)
-        self._count = 0
-
-    def hold(self, array):
-        from cnnrun.backends.torch import hold
-
-        return hold(array, self.device)
-
-    def gather(self, held, index):
-        from cnnrun.backends.torch import gather
-
-        return gather(held, index)
-
-    def device_memory(self):
-        from cnnrun.backends.torch import free_memory
-
-        return free_memory(self.device)
-
-    def _inputs(self, images):
-        from cnnrun.backends.torch import to_device
-
-        x = to_device(images, self.device).float()
-        return (x - self.mean) * self.inv_std  # stays NHWC: Keras is channels_last
-
-    def train_step(self, images, labels, mix=None) -> None:
-        from cnnrun.backends.torch import cross_entropy, to_device
-
-        y = to_device(labels, self.device)
-        with self.keras.device(self.scope):
-            logits = self.keras_model(self._inputs(images), training=True)
-        loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32
-        self.precision.step(loss, self.optimizer, self.clip_norm)
-        with self.torch.no_grad():
-            self._loss_sum += loss.detach() * len(labels)
-            self._correct += (logits.argmax(1) == y).sum()
-        self._count += len(labels)
-
-    def set_learning_rate(self, lr: float) -> None:
-        from cnnrun.backends.torch import set_torch_learning_rate
-
-        set_torch_learning_rate(self.optimizer, lr)
-
-    def learning_rate(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def train_metrics(self) -> Tuple[float, float, int]:
-        count = self._count
-        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
-        self._zero_metrics()
-        return mean_metrics(loss, correct, count)
-
-    def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad(), self.keras.device(self.scope):
-            logits = self.keras_model(self._inputs(images), training=False)
-        return logits.float().cpu().numpy()
-
-    def get_weights(self) -> Dict[str, np.ndarray]:
-        return read_canonical(self.model, LAYOUT, self.tensors, lambda var: var.value.detach().cpu().numpy())
-
-    def set_weights(self, weights: Dict[str, np.ndarray]) -> None:
-        write_canonical(self.model, LAYOUT, self.tensors, weights, assign_reshaped)
-
-    def get_training_state(self) -> Dict[str, np.ndarray]:
-        """torch.optim's slots under PyTorch's names, converted to canonical layout (as the torch backend's)."""
-        by_slot: Dict[str, Dict[str, np.ndarray]] = {}
-        for name, param in zip(self.trainable_names, self.params):
-            for slot, value in self.optimizer.state.get(param, {}).items():
-                by_slot.setdefault(slot, {})[name] = value.detach().cpu().numpy().astype(np.float32)
-        state: Dict[str, np.ndarray] = {**random_state(self.builder), **self.precision.state()}
-        for slot, native in by_slot.items():
-            if slot == "step":
-                state.update({f"{name}/step": value for name, value in native.items()})
-            else:
-                state.update({f"{n}/{slot}": v for n, v in to_canonical(self.model, native, LAYOUT).items()})
-        return state
-
-    def set_training_state(self, state: Dict[str, np.ndarray]) -> None:
-        torch = self.torch
-        set_random_state(self.builder, state)
-        self.precision.set_state(state)
-        by_slot: Dict[str, Dict[str, np.ndarray]] = {}
-        for name, slots in slots_by_tensor(state, self.trainable_names).items():
-            for slot, value in slots.items():
-                by_slot.setdefault(slot, {})[name] = value
-        native = {
-            slot: values if slot == "step" else from_canonical(self.model, values, LAYOUT)
-            for slot, values in by_slot.items()
-        }
-        for name, param in zip(self.trainable_names, self.params):
-            slots = {slot: values[name] for slot, values in native.items() if name in values}
-            if slots:
-                self.optimizer.state[param] = {
-                    slot: torch.from_numpy(np.asarray(v, np.float32)).to(self.device) for slot, v in slots.items()
-                }
-
-
 # --------------------------------------------------------------------------------------------------- entry
 
 
@@ -678,4 +528,6 @@ def create_runner(model, optimizer, options, device, seed, mean, std, label_smoo
     import_keras(options.backend)
     if options.backend == "tensorflow":
         return _tensorflow_runner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)
+    from cnnrun.backends.keras_torch import KerasTorchRunner  # imports torch: only for this backend
+
     return KerasTorchRunner(model, optimizer, options, device, seed, mean, std, label_smoothing, precision)

@@ -756,6 +756,14 @@ class TensorFlowRunner:
             parts = [tf.identity(tf.convert_to_tensor(np.ascontiguousarray(chunk))) for chunk in chunks(array)]
             return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
+    def stage(self, array):
+        """A host batch copied to the GPU on the prefetch thread, ahead of its step (TensorFlow orders the copy
+        before the ops that read it); on the CPU the batch itself."""
+        if self.device.startswith("/CPU"):
+            return array
+        with tf.device(self.device):
+            return tf.identity(array)
+
     def gather(self, held: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
         with tf.device(self.device):
             return tf.gather(held, index)

@@ -281,6 +281,35 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
+class CopyStream:
+    """Host batches copied to a CUDA device ahead of their step: called on the prefetch thread, each copy runs on a
+    stream of its own from page-locked memory, so it overlaps the step the GPU is computing, and the tensor is
+    handed over complete. ``record_stream`` keeps the allocator from reusing its memory until the training
+    stream's work queued before it is freed has run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.compute = torch.cuda.current_stream(device)  # the training thread's stream
+
+    def __call__(self, array) -> torch.Tensor:
+        with torch.cuda.stream(self.stream):
+            tensor = torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
+        tensor.record_stream(self.compute)
+        self.stream.synchronize()  # this copy only: the training stream goes on meanwhile
+        return tensor
+
+
+def stager(device: torch.device):
+    """What ``Runner.stage`` does on ``device``: a side-stream copy on CUDA; on the CPU nothing (a NumPy batch
+    becomes a tensor without a copy when its step runs)."""
+    return CopyStream(device) if device.type == "cuda" else _unchanged
+
+
+def _unchanged(array):
+    return array
+
+
 def to_device(array, device: torch.device) -> torch.Tensor:
     """A batch on ``device``: a NumPy batch is copied (from page-locked memory on CUDA, so the copy is an
     asynchronous DMA, not a staged one); a tensor already held there (:func:`hold`, gathered) is used as it is."""
@@ -369,39 +398,28 @@ class MixedPrecision:
             })
 
 
-class TorchRunner:
-    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
-                 label_smoothing: float = 0.0, precision: str = "fp32"):
-        from cnnrun.spec.init import initial_weights
+class OnTorchDevice:
+    """What every runner on a torch device shares, whatever builds its model (cnnrun's modules here, Keras's torch
+    backend in :mod:`cnnrun.backends.keras_torch`): the device and its settings, batches from the host or held on
+    the device, the running metrics and the optimizer's learning rate. A subclass calls :meth:`_use_device` before
+    it builds anything (it seeds torch) and sets ``self.optimizer``."""
 
-        self.model = model
+    def _use_device(self, device, seed: int, tf32: bool) -> None:
         self.device = resolve_device(device)
-        self.precision = MixedPrecision(precision, self.device)
         if self.device.type == "cuda":
-            set_tf32(options.tf32)
+            set_tf32(tf32)
         if self.device.type == "cpu" and device.threads:
             torch.set_num_threads(device.threads)
         torch.manual_seed(seed)
-        self.net = Network(model)
-        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-        self.net.to(self.device, memory_format=self.memory_format)
-        self.set_weights(initial_weights(model, seed))
-        shape = (1, len(mean), 1, 1)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
-        self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
-        self.optimizer = make_optimizer(list(self.net.parameters()), optimizer, fused=options.fused_optimizer)
-        self.clip_norm = optimizer.clip_norm
-        self.label_smoothing = label_smoothing
-        self.forward = torch.compile(self.net) if options.compile else self.net
-        self._zero_metrics()
+        self.stage = stager(self.device)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.device_name = f"{self.device} ({name})" if self.device.type == "cuda" else "cpu"
+        self._zero_metrics()
 
-    def _zero_metrics(self) -> None:
-        # float64 sums: an interrupted-and-resumed epoch adds the same numbers in another grouping.
-        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._count = 0
+    def _normalisation(self, mean, std, shape) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) on the device, shaped to broadcast over a batch of ``shape``'s layout."""
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).reshape(shape)
+        return mean_t, (1.0 / torch.tensor(std, dtype=torch.float32, device=self.device)).reshape(shape)
 
     def hold(self, array) -> torch.Tensor:
         return hold(array, self.device)
@@ -410,6 +428,50 @@ class TorchRunner:
 
     def device_memory(self):
         return free_memory(self.device)
+
+    def _zero_metrics(self) -> None:
+        # float64 sums: an interrupted-and-resumed epoch adds the same numbers in another grouping.
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._count = 0
+
+    @torch.no_grad()
+    def _count_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a step's loss and correct predictions where they were computed: nothing waits for the device."""
+        self._loss_sum += loss.detach().double() * len(labels)
+        self._correct += (logits.argmax(1) == labels).sum()
+        self._count += len(labels)
+
+    def train_metrics(self) -> Tuple[float, float, int]:
+        count = self._count
+        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
+        self._zero_metrics()
+        return mean_metrics(loss, correct, count)
+
+    def set_learning_rate(self, lr: float) -> None:
+        set_torch_learning_rate(self.optimizer, lr)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+class TorchRunner(OnTorchDevice):
+    def __init__(self, model: CompiledModel, optimizer, options, device, seed: int, mean, std,
+                 label_smoothing: float = 0.0, precision: str = "fp32"):
+        from cnnrun.spec.init import initial_weights
+
+        self.model = model
+        self._use_device(device, seed, options.tf32)
+        self.precision = MixedPrecision(precision, self.device)
+        self.net = Network(model)
+        self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.net.to(self.device, memory_format=self.memory_format)
+        self.set_weights(initial_weights(model, seed))
+        self.mean, self.inv_std = self._normalisation(mean, std, (1, len(mean), 1, 1))
+        self.optimizer = make_optimizer(list(self.net.parameters()), optimizer, fused=options.fused_optimizer)
+        self.clip_norm = optimizer.clip_norm
+        self.label_smoothing = label_smoothing
+        self.forward = torch.compile(self.net) if options.compile else self.net
 
     def _inputs(self, images) -> torch.Tensor:
         x = to_device(images, self.device)
@@ -426,22 +488,7 @@ class TorchRunner:
             logits = self.forward(x)
         loss = cross_entropy(logits.float(), y, self.label_smoothing, mix)  # softmax and loss in float32
         self.precision.step(loss, self.optimizer, self.clip_norm)
-        with torch.no_grad():
-            self._loss_sum += loss.detach().double() * len(labels)
-            self._correct += (logits.argmax(1) == y).sum()
-        self._count += len(labels)
-
-    def set_learning_rate(self, lr: float) -> None:
-        set_torch_learning_rate(self.optimizer, lr)
-
-    def learning_rate(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def train_metrics(self) -> Tuple[float, float, int]:
-        count = self._count
-        loss, correct = float(self._loss_sum), int(self._correct)  # the sync
-        self._zero_metrics()
-        return mean_metrics(loss, correct, count)
+        self._count_step(loss, logits, y)
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """How batches reach the runner: prepared on the host ahead of the step, or gathered where the runner holds the data.
 
 :class:`HostFeed` hands the runner NumPy batches gathered from RAM or the memory-mapped cache (or decoded from
-files), augmented, on a background thread a few batches ahead; the runner copies each to its device.
+files), augmented, on a background thread a few batches ahead; on a GPU that thread also copies each batch to the
+device (``Runner.stage``), so the copy overlaps the step before.
 :class:`DeviceFeed` copies every split once into the runner's own arrays on its device (GPU memory on a GPU) and
 gathers each batch there by the epoch's order: no per-step copy from the host, which is what a hand-written loop
 with the data on the GPU does.
@@ -13,7 +14,7 @@ run saw. :func:`choose_feed` applies ``dataset.on_device``.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -38,15 +39,25 @@ class Feed(Protocol):
 
 
 class HostFeed:
-    """NumPy batches prepared on a background thread (:mod:`cnnrun.data.pipeline`)."""
+    """NumPy batches prepared on a background thread (:mod:`cnnrun.data.pipeline`), each also passed through
+    ``stage`` there (``Runner.stage``: on a GPU, copied to it while the step before runs)."""
 
     where = "host"
 
+    def __init__(self, stage: Optional[Callable] = None):
+        self.stage = stage
+
     def training(self, split, batch_size, seed, epoch, augment=None, start_batch=0):
-        return prefetched(training_batches(split, batch_size, seed, epoch, augment, start_batch))
+        batches = training_batches(split, batch_size, seed, epoch, augment, start_batch)
+        if self.stage is not None:
+            batches = ((self.stage(x), self.stage(y), mix) for x, y, mix in batches)
+        return prefetched(batches)
 
     def inference(self, split, batch_size):
-        return prefetched(iterate_batches(split, batch_size))
+        batches = iterate_batches(split, batch_size)
+        if self.stage is not None:  # the labels stay NumPy: the metrics are computed on the host
+            batches = ((self.stage(x), y) for x, y in batches)
+        return prefetched(batches)
 
 
 HOST = HostFeed()
@@ -105,13 +116,14 @@ def choose_feed(dataset_cfg, runner, dataset: Dataset) -> "Feed":
     memory is free. The config already refused ``true`` with augmentations or with ``dataset.cache=false``, and
     ``auto`` with either is the host feed.
     """
+    host = HostFeed(runner.stage)
     choice = dataset_cfg.on_device
     if choice is False or dataset_cfg.augment.any or not dataset_cfg.cache:
-        return HOST
+        return host
     free: Optional[int] = runner.device_memory()
     size = images_bytes(dataset)
     if choice == "auto":
-        return DeviceFeed(runner, dataset) if free is not None and size <= AUTO_SHARE * free else HOST
+        return DeviceFeed(runner, dataset) if free is not None and size <= AUTO_SHARE * free else host
     if free is not None and size > free:
         raise UserError(
             f"dataset.on_device=true: the images of {dataset.name} take {size / 2**30:.2f} GiB but "

@@ -31,6 +31,10 @@ class ShardedRunner:
     def __getattr__(self, name):  # get_weights, set_learning_rate, device_name, …: the wrapped runner's
         return getattr(self.runner, name)
 
+    def stage(self, array):
+        """The global batch stays on the host: each rank copies only its own rows, in its step."""
+        return array
+
     def _rows(self, n: int) -> Tuple[int, int]:
         return shard_bounds(n, self.world.rank, self.world.size)
 

@@ -149,3 +149,40 @@ def test_gpu_low_precision_matches_float32_and_trains(framework, precision):
         losses.append(low.train_metrics()[0])
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
     assert {w.dtype for w in low.get_weights().values()} == {np.dtype(np.float32)}
+
+
+def _train_on(runner, batches):
+    for batch_images, batch_labels in batches:
+        runner.train_step(batch_images, batch_labels)
+    return runner.train_metrics(), runner.get_weights()
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_gpu_batches_staged_on_another_thread_or_gathered_from_held_images_train_as_host_batches(framework):
+    """Runner.stage (the prefetch thread's copy to the GPU) and hold/gather (dataset.on_device) change where a
+    batch comes from, not what the step computes: the same weights, bit for bit, as NumPy batches."""
+    import concurrent.futures
+
+    model, weights, images, labels = _setup(framework, "stress")
+    host, staged, held = (_runner(framework, model, "cuda") for _ in range(3))
+    for runner in (host, staged, held):
+        runner.set_weights(weights)
+    expected = _train_on(host, zip(images, labels))
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cnnrun-prefetch") as pool:
+        copies = [pool.submit(lambda x, y: (staged.stage(x), staged.stage(y)), x, y).result()
+                  for x, y in zip(images, labels)]
+    got = _train_on(staged, copies)
+
+    all_images = held.hold(images.reshape(-1, *images.shape[2:]))
+    all_labels = held.hold(labels.reshape(-1))
+    batch = labels.shape[1]
+    gathered = []
+    for i in range(len(labels)):
+        index = held.hold(np.arange(i * batch, (i + 1) * batch, dtype=np.int64))
+        gathered.append((held.gather(all_images, index), held.gather(all_labels, index)))
+    assert held.device_memory() is None or held.device_memory() > 0
+    for name, (metrics, trained) in {"staged": got, "held": _train_on(held, gathered)}.items():
+        np.testing.assert_allclose(metrics, expected[0], rtol=0, atol=0, err_msg=name)
+        for tensor, value in expected[1].items():
+            np.testing.assert_array_equal(trained[tensor], value, err_msg=f"{name}: {tensor}")

@@ -3,12 +3,14 @@ mid-epoch sees the uninterrupted run's batches, and the choice between the feeds
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from cnnrun.config import AugmentConfig, DatasetConfig, TrainerConfig
-from cnnrun.data.feed import AUTO_SHARE, HOST, DeviceFeed, choose_feed, images_bytes
+from cnnrun.data.feed import AUTO_SHARE, HOST, DeviceFeed, HostFeed, choose_feed, images_bytes
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.progress import ProgressView
 from cnnrun.tracking import NullLogger
@@ -107,14 +109,20 @@ class WithDeviceMemory(SoftmaxRegression):
         return self.free
 
 
+def _host_feed_of(feed, runner) -> bool:
+    """Whether ``feed`` is host batches staged by ``runner`` (copied to its GPU on the prefetch thread)."""
+    return isinstance(feed, HostFeed) and feed.stage == runner.stage
+
+
 def _dataset_cfg(**settings):
     return DatasetConfig(name="mnist_5k", num_classes=4, channels=1, image_size=4, **settings)
 
 
 def test_on_device_false_and_auto_on_a_cpu_keep_host_batches():
     dataset = quadrant_dataset()
-    assert choose_feed(_dataset_cfg(on_device=False), WithDeviceMemory(10**12), dataset) is HOST
-    assert choose_feed(_dataset_cfg(), SoftmaxRegression(16, 4), dataset) is HOST  # auto; a CPU reports None
+    gpu, cpu = WithDeviceMemory(10**12), SoftmaxRegression(16, 4)
+    assert _host_feed_of(choose_feed(_dataset_cfg(on_device=False), gpu, dataset), gpu)
+    assert _host_feed_of(choose_feed(_dataset_cfg(), cpu, dataset), cpu)  # auto; a CPU reports None
 
 
 def test_auto_holds_a_dataset_that_takes_at_most_a_quarter_of_the_free_device_memory():
@@ -122,9 +130,10 @@ def test_auto_holds_a_dataset_that_takes_at_most_a_quarter_of_the_free_device_me
     size = images_bytes(dataset)
     roomy = WithDeviceMemory(int(size / AUTO_SHARE))
     assert isinstance(choose_feed(_dataset_cfg(), roomy, dataset), DeviceFeed)
-    assert choose_feed(_dataset_cfg(), WithDeviceMemory(int(size / AUTO_SHARE) - 1), dataset) is HOST
+    tight = WithDeviceMemory(int(size / AUTO_SHARE) - 1)
+    assert _host_feed_of(choose_feed(_dataset_cfg(), tight, dataset), tight)
     augmented = _dataset_cfg(augment=AugmentConfig(random_crop_padding=1))
-    assert choose_feed(augmented, roomy, dataset) is HOST
+    assert _host_feed_of(choose_feed(augmented, roomy, dataset), roomy)
 
 
 def test_on_device_true_holds_on_a_cpu_and_refuses_a_dataset_larger_than_the_free_device_memory():
@@ -147,3 +156,28 @@ def test_the_config_refuses_a_held_dataset_with_host_only_work(settings, says):
     with pytest.raises(ValidationError, match=says):
         DatasetConfig(**{**base, **settings, "on_device": True})
     DatasetConfig(**{**base, **settings, "on_device": "auto"})  # auto: host batches, accepted
+
+
+class Staging(SoftmaxRegression):
+    """The NumPy runner staging each host batch as a GPU runner does (a copy), noting the thread it ran on."""
+
+    def __init__(self):
+        super().__init__(16, 4)
+        self.staged_on = []
+
+    def stage(self, array):
+        self.staged_on.append(threading.current_thread().name)
+        return array.copy()
+
+
+def test_host_batches_are_staged_on_the_prefetch_thread_in_order_and_labels_stay_numpy_for_metrics():
+    staged, plain = Staging(), SoftmaxRegression(16, 4)
+    feed = choose_feed(_dataset_cfg(on_device=False), staged, _DATASET)
+    saved = _fit(staged, feed)
+    _fit(plain, HOST)
+    # 8 training batches (images and labels) and 2 validation batches (images only) in each of 2 epochs
+    assert staged.staged_on == ["cnnrun-prefetch"] * (2 * (8 * 2 + 2))
+    for a, b in zip(staged.labels_seen, plain.labels_seen):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(staged.kernel, plain.kernel)
+    assert saved[-1].history[-1]["val_acc"] == _fit(SoftmaxRegression(16, 4), HOST)[-1].history[-1]["val_acc"]
