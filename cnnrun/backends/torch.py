@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Tuple
 
@@ -244,7 +245,9 @@ class Network(nn.Module):
         self._slots: Dict[str, Tuple[nn.Module, str]] = ctx.tensors
 
     def forward(self, x):
-        return self.layers(x)
+        for layer in self.layers:  # not Sequential.__call__: its wrapper costs Python time on every step
+            x = layer(x)
+        return x
 
     @property
     def tensors(self) -> Dict[str, torch.Tensor]:
@@ -362,7 +365,9 @@ class MixedPrecision:
         ) if precision == "fp16" else None
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+        if self.dtype is None:  # float32: entering a disabled autocast region still costs Python time per step
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
     def step(self, loss, optimizer, clip_norm) -> None:
         """Backward pass and update; with loss scaling, a step whose gradients overflowed is skipped."""
@@ -435,11 +440,11 @@ class OnTorchDevice:
         self._correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self._count = 0
 
-    @torch.no_grad()
     def _count_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a step's loss and correct predictions where they were computed: nothing waits for the device."""
-        self._loss_sum += loss.detach().double() * len(labels)
-        self._correct += (logits.argmax(1) == labels).sum()
+        """Add a step's loss and correct predictions where they were computed: nothing waits for the device (and
+        nothing needs no_grad: a detached loss and an argmax record no graph)."""
+        self._loss_sum.add_(loss.detach(), alpha=len(labels))  # in float64: one kernel, no temporaries
+        self._correct.add_((logits.argmax(1) == labels).sum())
         self._count += len(labels)
 
     def train_metrics(self) -> Tuple[float, float, int]:
@@ -480,8 +485,13 @@ class TorchRunner(OnTorchDevice):
         x = (x - self.mean) * self.inv_std
         return x.contiguous(memory_format=self.memory_format)
 
+    def _mode(self, training: bool) -> None:
+        # Module.train walks every submodule: per step that is Python time a GPU step cannot hide, so only on change
+        if self.net.training is not training:
+            self.net.train(training)
+
     def train_step(self, images: np.ndarray, labels: np.ndarray, mix=None) -> None:
-        self.net.train()
+        self._mode(True)
         x = self._inputs(images)
         y = to_device(labels, self.device)
         with self.precision.autocast():
@@ -492,7 +502,7 @@ class TorchRunner(OnTorchDevice):
 
     @torch.no_grad()
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        self.net.eval()
+        self._mode(False)
         with self.precision.autocast():
             logits = self.forward(self._inputs(images))
         return logits.float().cpu().numpy()
