@@ -167,33 +167,40 @@ def part_torch(dataset, device: str, rounds: int) -> Dict:
 
     from cnnrun.backends import TorchOptions
 
-    # cnnrun's runner leaves cuDNN autotuning as a fresh process has it: the hand-written loop turns it on.
+    # cnnrun leaves cuDNN autotuning as a fresh process has it (off); the hand-written loop turns it on. One more
+    # cnnrun variant runs with it on, to show what it is worth.
     fresh_autotune = torch.backends.cudnn.benchmark
     reference, reference_params = torch_reference(dataset, device)
     reference_tf32, _ = torch_reference(dataset, device)
-    device_feed = cnnrun_epoch_fn("torch", TorchOptions(), dataset, device=device, on_device=True)
-    host_feed = cnnrun_epoch_fn("torch", TorchOptions(), dataset, device=device)
-    device_feed_tf32 = cnnrun_epoch_fn("torch", TorchOptions(tf32=True), dataset, device=device, on_device=True)
+
+    def cnnrun_torch(on_device: bool = True, tf32: bool = False):
+        return cnnrun_epoch_fn("torch", TorchOptions(tf32=tf32), dataset, device=device, on_device=on_device)
+
+    epochs = {"device": cnnrun_torch(), "host": cnnrun_torch(on_device=False), "autotune": cnnrun_torch(),
+              "device_tf32": cnnrun_torch(tf32=True)}
     names = {
         "reference": "hand-written torch loop (data on device)",
         "device": "cnnrun torch, device feed",
         "host": "cnnrun torch, host feed",
+        "autotune": "cnnrun torch, device feed, cudnn.benchmark=True",
         "reference_tf32": "hand-written torch loop, TF32",
         "device_tf32": "cnnrun torch framework.tf32=true, device feed",
     }
     variants = {
         names["reference"]: torch_settings(False, True, reference),
-        names["device"]: torch_settings(False, fresh_autotune, device_feed),
-        names["host"]: torch_settings(False, fresh_autotune, host_feed),
+        names["device"]: torch_settings(False, fresh_autotune, epochs["device"]),
+        names["host"]: torch_settings(False, fresh_autotune, epochs["host"]),
+        names["autotune"]: torch_settings(False, True, epochs["autotune"]),
         names["reference_tf32"]: torch_settings(True, True, reference_tf32),
-        names["device_tf32"]: torch_settings(True, fresh_autotune, device_feed_tf32),
+        names["device_tf32"]: torch_settings(True, fresh_autotune, epochs["device_tf32"]),
     }
     results = alternate(variants, rounds)
-    for key, epochs in (("device", device_feed), ("host", host_feed), ("device_tf32", device_feed_tf32)):
-        check_same_work(names[key], reference_params, reference.images, epochs)
+    for key, cnnrun_epochs in epochs.items():
+        check_same_work(names[key], reference_params, reference.images, cnnrun_epochs)
     return finish(f"torch {torch.__version__}: classic_cnn, batch {BATCH}, float32 (IEEE unless TF32)", results, [
         (names["device"], names["reference"], 1.0),
         (names["host"], names["reference"], None),
+        (names["autotune"], names["reference"], None),
         (names["device_tf32"], names["reference_tf32"], 1.0),
     ])
 
@@ -449,6 +456,7 @@ def run_all(args) -> int:
     print(f"bench_gpu {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, --device {args.device}; {versions()}",
           flush=True)
     summary, failed = {}, False
+    deadline = time.monotonic() + args.budget if args.budget else None
     with tempfile.TemporaryDirectory() as scratch:
         for part in args.parts.split(","):
             path = os.path.join(scratch, f"{part}.json")
@@ -458,17 +466,18 @@ def run_all(args) -> int:
             command += ["--rounds", str(args.rounds)] if args.rounds else []
             env = dict(os.environ, KERAS_BACKEND="torch") if part == "keras" else None
             started = time.perf_counter()
+            limit = args.part_timeout if deadline is None else min(args.part_timeout, deadline - time.monotonic())
             try:
-                code = subprocess.run(command, env=env, timeout=args.part_timeout).returncode
+                code = subprocess.run(command, env=env, timeout=max(limit, 1)).returncode
             except subprocess.TimeoutExpired:
-                code = f"timed out after {args.part_timeout} s"
+                code = f"timed out after {max(limit, 1):.0f} s"
             seconds = time.perf_counter() - started
             if code == 0 and os.path.exists(path):
                 with open(path) as f:
                     summary[part] = dict(json.load(f), seconds=seconds)
             else:
                 failed = True
-                summary[part] = {"failed": f"exit {code}", "seconds": seconds}
+                summary[part] = {"failed": code if isinstance(code, str) else f"exit {code}", "seconds": seconds}
     print(f"\n=== summary ({time.strftime('%Y-%m-%d', time.gmtime())}; {versions()})")
     for part, outcome in summary.items():
         if "ratios" not in outcome:
@@ -495,6 +504,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help=f"measured epochs per variant (default: {ROUNDS})")
     parser.add_argument("--parts", default=",".join(PARTS), help="which parts, comma-separated")
     parser.add_argument("--part-timeout", type=int, default=240, help="seconds each part may take")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="seconds for the whole run: a part gets at most what is left, so the summary prints")
     parser.add_argument("--out", default=None, help="a folder for bench_gpu.json")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # one part, in a process of its own
     parser.add_argument("--json", help=argparse.SUPPRESS)
