@@ -258,7 +258,8 @@ def chainer_reference(dataset, device: str, batch_size: int = BATCH):
         return len(order)
 
     parameters = sum(p.size for p in model.params())
-    return timed(epoch, lambda: None), parameters
+    sync = xp.cuda.Stream.null.synchronize if xp is not np else (lambda: None)
+    return timed(epoch, sync), parameters
 
 
 def part_chainer(dataset, device: str, rounds: int) -> Dict:
@@ -284,15 +285,20 @@ def part_chainer(dataset, device: str, rounds: int) -> Dict:
 
 def keras_fit_reference(dataset, batch_size: int = BATCH):
     """classic_cnn as a Keras Sequential model trained by ``model.fit`` on NumPy arrays; returns (epoch function,
-    parameter count). Timed from ``on_epoch_begin`` to ``on_epoch_end``, leaving out fit's per-call set-up as cnnrun's
-    figure leaves out its validation."""
+    parameter count). Timed from ``on_epoch_begin`` to ``on_epoch_end`` (the GPU synced at both), leaving out fit's
+    per-call set-up as cnnrun's figure leaves out its validation."""
     import keras
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
+            sync()
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
+            sync()
             self.seconds = time.perf_counter() - self.started
 
     keras.utils.set_random_seed(SEED)

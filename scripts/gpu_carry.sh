@@ -52,11 +52,12 @@ else
   echo "note: $FASHION_MNIST not found (Debian's dataset-fashion-mnist): bench_gpu will use mnist_5k" >&2
 fi
 
-ls -1 "$CARRY/wheels"
+printf '%s\n' "$CARRY"/wheels/*.whl
 tree_bytes=$(cd "$REPO" && git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null |
   tail -1 | cut -f1)
 carry_bytes=$(du -sb "$CARRY" | cut -f1)
 total=$((tree_bytes + carry_bytes))
-echo "carry: $((carry_bytes / 1024 / 1024)) MiB ($(ls "$CARRY/wheels" | wc -l) wheels); with the working tree:" \
+wheels=("$CARRY"/wheels/*.whl)
+echo "carry: $((carry_bytes / 1024 / 1024)) MiB (${#wheels[@]} wheels); with the working tree:" \
   "$((total / 1024 / 1024)) MiB of the ${LIMIT_MIB} MiB a device call takes"
 [ "$total" -lt $((LIMIT_MIB * 1024 * 1024)) ] || { echo "too large to carry" >&2; exit 1; }

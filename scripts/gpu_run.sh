@@ -28,7 +28,8 @@ say() { echo "$@" | tee -a "$LOG"; }
 say "== $(date -u +%FT%TZ) $(nvidia-smi -L 2>&1 | head -1); $("$PYTHON" --version 2>&1)"
 [ -d "$CARRY/wheels" ] || { say "no $CARRY/wheels: run scripts/gpu_carry.sh first and carry .gpu_carry"; exit 1; }
 # Distribution names from the wheel files (name-version-...whl): pip picks each one's wheel for this Python.
-mapfile -t names < <(ls "$CARRY"/wheels/*.whl | sed 's#.*/##; s/-.*//' | sort -u)
+wheels=("$CARRY"/wheels/*.whl)
+mapfile -t names < <(printf '%s\n' "${wheels[@]##*/}" | sed 's/-.*//' | sort -u)
 extra=()
 [ -n "${EXTRA_WHEELS:-}" ] && extra=(--find-links "$EXTRA_WHEELS")
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
