@@ -43,7 +43,7 @@ import numpy as np
 from benchmarks.common import alternate, cnnrun_epoch_fn, paired_ratio, report
 
 PARTS = ("torch", "chainer", "keras", "precision")
-ROUNDS = {"torch": 5, "chainer": 3, "keras": 3, "precision": 3}  # measured epochs per variant (~4 min on an H200)
+ROUNDS = {"torch": 4, "chainer": 3, "keras": 3, "precision": 3}  # measured epochs per variant (~4 min on an H200)
 BATCH, LR, EPS, SEED = 128, 1e-3, 1e-7, 0
 # classic_cnn with 4x the filters and units (the WIDE network of gpu_check.sh)
 WIDE = {0: {"filters": 128}, 2: {"filters": 256}, 5: {"units": 4096}}

@@ -57,7 +57,9 @@ if [ -z "${SKIP_GPU_CHECK:-}" ]; then
   say "== gpu_check.sh, SKIP_GRID=1 (limit ${CHECK_LIMIT} s; its log: $OUT/gpu_check.log)"
   SKIP_GRID=1 OUT=$OUT timeout -k 10 "$CHECK_LIMIT" bash benchmarks/gpu_check.sh > "$OUT/gpu_check.stdout" 2>&1  # mostly what gpu_check.log has
   say "-- gpu_check exit $?"
-  grep -E "passed|failed|skipped|error" "$OUT/gpu_check.log" | tail -3 | tee -a "$LOG"
+  grep -E "^[= ]*[0-9]+ (passed|failed|skipped|errors?)" "$OUT/gpu_check.log" | tail -1 | tee -a "$LOG"
+  say "gpu_check's cnnrun commands: $(grep -c '^-- exit 0' "$OUT/gpu_check.log") exited 0," \
+    "$(grep -c '^-- exit [1-9]' "$OUT/gpu_check.log") did not"
 fi
 
 say "== $(date -u +%FT%TZ) done"
