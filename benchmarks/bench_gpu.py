@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from benchmarks.common import alternate, cnnrun_epoch_fn, paired_ratio, report
+from benchmarks.common import alternate, cnnrun_epoch_fn, keras_classic_cnn, paired_ratio, report
 
 PARTS = ("torch", "chainer", "keras", "precision")
 ROUNDS = {"torch": 4, "chainer": 3, "keras": 3, "precision": 3}  # measured epochs per variant (~4 min on an H200)
@@ -302,19 +302,7 @@ def keras_fit_reference(dataset, batch_size: int = BATCH):
             self.seconds = time.perf_counter() - self.started
 
     keras.utils.set_random_seed(SEED)
-    layers = keras.layers
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 5, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Conv2D(64, 5, padding="same", activation="relu"),
-        layers.MaxPooling2D(2),
-        layers.Flatten(),
-        layers.Dense(1024, activation="relu"),
-        layers.Dense(10),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(LR, beta_1=0.9, beta_2=0.999, epsilon=EPS),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model = keras_classic_cnn(keras, LR, EPS)
     x = normalised_nchw(dataset).transpose(0, 2, 3, 1).copy()  # NHWC: Keras is channels_last
     y = dataset.train.labels
     steps = -(-len(y) // batch_size)
