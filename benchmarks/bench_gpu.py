@@ -197,7 +197,8 @@ def part_torch(dataset, device: str, rounds: int) -> Dict:
     results = alternate(variants, rounds)
     for key, cnnrun_epochs in epochs.items():
         check_same_work(names[key], reference_params, reference.images, cnnrun_epochs)
-    return finish(f"torch {torch.__version__}: classic_cnn, batch {BATCH}, float32 (IEEE unless TF32)", results, [
+    title = f"torch {torch.__version__}: classic_cnn, batch {BATCH}, float32 (IEEE unless TF32)"
+    return finish(title, device, results, [
         (names["device"], names["reference"], 1.0),
         (names["host"], names["reference"], None),
         (names["autotune"], names["reference"], None),
@@ -277,7 +278,7 @@ def part_chainer(dataset, device: str, rounds: int) -> Dict:
     results = alternate({names["reference"]: reference, names["device"]: device_feed}, rounds)
     check_same_work(names["device"], reference_params, reference.images, device_feed)
     return finish(f"chainer {chainer.__version__} ({device_feed.runner.device_name}): classic_cnn, batch {BATCH}",
-                  results, [(names["device"], names["reference"], 1.0)])
+                  device, results, [(names["device"], names["reference"], 1.0)])
 
 
 # ------------------------------------------------------------------------------------------------------ keras
@@ -341,7 +342,8 @@ def part_keras(dataset, device: str, rounds: int) -> Dict:
                         rounds)
     for key, epochs in (("device", device_feed), ("host", host_feed)):
         check_same_work(names[key], reference_params, reference.images, epochs)
-    return finish(f"keras {keras.__version__} on torch {torch.__version__}: classic_cnn, batch {BATCH}", results, [
+    return finish(f"keras {keras.__version__} on torch {torch.__version__}: classic_cnn, batch {BATCH}", device,
+                  results, [
         (names["device"], names["reference"], 1.0),
         (names["host"], names["reference"], None),
     ])
@@ -374,15 +376,16 @@ def part_precision(dataset, device: str, rounds: int) -> Dict:
         print(f"{label}: {epochs.parameter_count():,} parameters", flush=True)
         pairs.append((f"cnnrun torch {label} bf16", f"cnnrun torch {label} fp32", None))
     results = alternate(variants, rounds)
-    return finish(f"torch {torch.__version__}: trainer.precision bf16 vs fp32, batch 256, device feed", results, pairs)
+    return finish(f"torch {torch.__version__}: trainer.precision bf16 vs fp32, batch 256, device feed", device,
+                  results, pairs)
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
 
 
-def finish(title: str, results: Dict[str, List[float]], pairs) -> Dict:
+def finish(title: str, device: str, results: Dict[str, List[float]], pairs) -> Dict:
     """Prints the part's table and ratios; returns them for the summary."""
-    report(f"{title}; {where()}", results, pairs[0][1], pairs[0][0])
+    report(f"{title}; {where(device)}", results, pairs[0][1], pairs[0][0])
     ratios = []
     for ours, theirs, target in pairs:
         medians = statistics.median(results[ours]) / statistics.median(results[theirs])
@@ -390,14 +393,14 @@ def finish(title: str, results: Dict[str, List[float]], pairs) -> Dict:
         goal = f" (target >= {target:.2f})" if target else ""
         print(f"{ours} / {theirs}: {medians:.3f} of medians, {paired:.3f} median of per-round ratios{goal}")
         ratios.append({"ours": ours, "theirs": theirs, "of_medians": medians, "paired": paired, "target": target})
-    return {"title": title, "where": where(), "images_per_s": results, "ratios": ratios}
+    return {"title": title, "where": where(device), "images_per_s": results, "ratios": ratios}
 
 
-def where() -> str:
+def where(device: str) -> str:
     """The device, for the tables: the GPU's name, or the CPU."""
     import torch
 
-    if torch.cuda.is_available() and DEVICE != "cpu":
+    if device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
     return f"CPU {platform.machine()}, {len(os.sched_getaffinity(0))} cores"
 
@@ -421,14 +424,11 @@ def module_version(name: str) -> str:
         return f"missing ({type(err).__name__})"
 
 
-DEVICE = "cpu"
 RUNNERS = {"torch": part_torch, "chainer": part_chainer, "keras": part_keras, "precision": part_precision}
 
 
 def run_part(args) -> None:
     """One part in this process; its figures (or why it was skipped) go to ``args.json``."""
-    global DEVICE
-    DEVICE = args.device
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # Keras on torch would take a GPU it sees
     rounds = args.rounds or ROUNDS[args.part]
