@@ -14,7 +14,7 @@ Each trainer first runs one warm-up epoch (tracing), then the rounds alternate b
 so that load from other processes hits all of them alike. Reported: median images/s over the rounds and the
 ratios cnnrun_tensorflow / tf_reference (target ≥ 0.95) and cnnrun_keras / keras_fit (target ≥ 1.0).
 
-Run: ``.venv/bin/python benchmarks/bench_tensorflow_keras.py --rounds 5``
+Run, from the repository root: ``.venv/bin/python -m benchmarks.bench_tensorflow_keras --rounds 5``
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 import numpy as np
 
 import cnnrun.backends.tensorflow  # noqa: F401  (imports TensorFlow with its C++ start-up noise filtered)
+from benchmarks.common import keras_classic_cnn
 from cnnrun.backends import create_runner, framework_version, validate_options
 from cnnrun.config import DatasetConfig, DeviceConfig, OptimizerConfig, TrainerConfig
 from cnnrun.data import load_dataset
@@ -129,22 +130,7 @@ class KerasFitReference:
     """The same network as a Keras Sequential model, trained with model.fit on pre-normalised float arrays."""
 
     def __init__(self, split, mean: float, std: float):
-        layers = keras.layers
-        self.model = keras.Sequential([
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(32, 5, padding="same", activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(64, 5, padding="same", activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(1024, activation="relu"),
-            layers.Dense(10),
-        ])
-        self.model.compile(
-            optimizer=keras.optimizers.Adam(LR, beta_1=0.9, beta_2=0.999, epsilon=EPS),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        self.model = keras_classic_cnn(keras, LR, EPS)
         self.x = ((split.images.astype(np.float32) - mean) / std)
         self.y = split.labels
 

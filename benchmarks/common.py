@@ -20,31 +20,77 @@ def mnist_5k():
 
 
 def cnnrun_epoch_fn(framework: str, options, dataset, batch_size: int = 128, threads=None,
-                    precision: str = "fp32") -> Callable[[], float]:
-    """One epoch of cnnrun's real training path (runner + shared Trainer); returns images/s of that epoch."""
-    from cnnrun.backends import create_runner
-    from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
-    from cnnrun.progress import ProgressView
-    from cnnrun.spec import compile_model
-    from cnnrun.tracking import NullLogger
-    from cnnrun.trainer import Trainer, TrainState
-    from tests.helpers import shipped_model
+                    precision: str = "fp32", device: str = "cpu", on_device: bool = False,
+                    model="classic_cnn") -> "CnnrunEpochs":
+    """One epoch of cnnrun's real training path (runner + shared Trainer) per call; returns images/s of that epoch.
 
-    model = compile_model(shipped_model("classic_cnn"), dataset.input_shape, 10)
-    runner = create_runner(framework, model, OptimizerConfig(name="adam", lr=1e-3), options,
-                           DeviceConfig(name="cpu", threads=threads), 0, dataset.mean, dataset.std,
-                           precision=precision)
-    state = TrainState()
-    cfg = TrainerConfig(epochs=10**6, batch_size=batch_size, patience=None, progress=False)
-    trainer = Trainer(runner, dataset, cfg, NullLogger(), ProgressView(False, 1), lambda kind, s: None)
+    ``on_device``: the feed cnnrun chooses for ``dataset.on_device=true`` (batches gathered from the splits held on
+    the runner's device; what ``auto`` gives on a GPU), else for ``false`` (host batches, staged by the runner).
+    ``model``: a shipped model's name or a spec as plain data.
+    """
+    return CnnrunEpochs(framework, options, dataset, batch_size, threads, precision, device, on_device, model)
 
-    def epoch() -> float:
-        target = state.epoch + 1
-        trainer.cfg = cfg.model_copy(update={"epochs": target})
-        trainer.fit(state)
-        return state.history[-1]["images_per_s"]
 
-    return epoch
+class CnnrunEpochs:
+    """See :func:`cnnrun_epoch_fn`; also says what the last epoch trained, for checks against a reference."""
+
+    def __init__(self, framework, options, dataset, batch_size, threads, precision, device, on_device, model):
+        from cnnrun.backends import create_runner
+        from cnnrun.config import DatasetConfig, DeviceConfig, OptimizerConfig, TrainerConfig
+        from cnnrun.data.feed import choose_feed
+        from cnnrun.progress import ProgressView
+        from cnnrun.spec import compile_model
+        from cnnrun.tracking import NullLogger
+        from cnnrun.trainer import Trainer, TrainState
+        from tests.helpers import shipped_model
+
+        spec = shipped_model(model) if isinstance(model, str) else model
+        compiled = compile_model(spec, dataset.input_shape, dataset.num_classes)
+        self.runner = create_runner(framework, compiled, OptimizerConfig(name="adam", lr=1e-3), options,
+                                    DeviceConfig(name=device, threads=threads), 0, dataset.mean, dataset.std,
+                                    precision=precision)
+        self.state = TrainState()
+        self.cfg = TrainerConfig(epochs=10**6, batch_size=batch_size, patience=None, progress=False)
+        height, width, channels = dataset.train.images.shape[1:]
+        dataset_cfg = DatasetConfig(name=dataset.name, num_classes=dataset.num_classes, channels=channels,
+                                    image_size=(height, width), on_device=on_device)
+        feed = choose_feed(dataset_cfg, self.runner, dataset)
+        self.trainer = Trainer(self.runner, dataset, self.cfg, NullLogger(), ProgressView(False, 1),
+                               lambda kind, s: None, feed=feed)
+
+    def __call__(self) -> float:
+        self.trainer.cfg = self.cfg.model_copy(update={"epochs": self.state.epoch + 1})
+        self.trainer.fit(self.state)
+        return self.state.history[-1]["images_per_s"]
+
+    @property
+    def last_epoch_images(self) -> int:
+        """Training images of the last epoch: the Trainer's images/s times its seconds."""
+        row = self.state.history[-1]
+        return round(row["images_per_s"] * row["seconds"])
+
+    def parameter_count(self) -> int:
+        return sum(int(np.prod(w.shape)) for w in self.runner.get_weights().values())
+
+
+def keras_classic_cnn(keras, lr: float = 1e-3, eps: float = 1e-7):
+    """classic_cnn as a Keras Sequential model compiled for ``model.fit`` (Adam, cross-entropy on logits, accuracy):
+    the Keras references' network, written without cnnrun's compiler. ``keras`` is passed in: the caller chose its
+    backend before importing it."""
+    layers = keras.layers
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(32, 5, padding="same", activation="relu"),
+        layers.MaxPooling2D(2),
+        layers.Conv2D(64, 5, padding="same", activation="relu"),
+        layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dense(1024, activation="relu"),
+        layers.Dense(10),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999, epsilon=eps),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    return model
 
 
 def alternate(variants: Dict[str, Callable[[], float]], rounds: int, warmup: int = 1) -> Dict[str, List[float]]:

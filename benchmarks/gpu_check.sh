@@ -19,8 +19,8 @@ export PYTHONUNBUFFERED=1 COLUMNS=150 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPAT
 say() { echo "$@" | tee -a "$LOG"; }
 
 say "== $(date -u +%FT%TZ) $(nvidia-smi -L 2>&1 | head -1)"
-for package in numpy torch cupy keras tensorflow; do  # one process each: TensorFlow and torch together can clash
-  say "$package: $(python3 -c "import $package; print($package.__version__)" 2>&1 | tail -1)"
+for package in numpy torch cupy keras tensorflow; do  # one process each: TensorFlow and torch together can clash; Keras on torch, which needs no TensorFlow
+  say "$package: $(KERAS_BACKEND=torch python3 -c "import $package; print($package.__version__)" 2>&1 | tail -1)"
 done
 say "chainer: $(python3 -c 'from cnnrun.backends.chainer_env import import_chainer, cupy_status
 c = import_chainer(); cupy, why = cupy_status(); print(c.__version__, "cupy ok" if cupy else why)' 2>&1 | tail -1)"
