@@ -97,6 +97,11 @@ class TorchOptions(_Options):
         default=False,
         description="TensorFloat-32 convolutions and matmuls on CUDA GPUs: faster, ~1e-3 relative error.",
     )
+    cudnn_benchmark: bool = Field(
+        default=True,
+        description="On CUDA GPUs cuDNN times its convolution algorithms for each input shape at first use and "
+        "keeps the fastest (as TensorFlow does by default); false: its heuristic choice, no timing.",
+    )
 
 
 class TensorFlowOptions(_Options):

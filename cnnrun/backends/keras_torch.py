@@ -32,8 +32,9 @@ class KerasTorchRunner(OnTorchDevice):
                 "torch backend run eagerly here"
             )
         self.model = model
-        # IEEE float32 on CUDA, like every other framework (Keras has no TF32 option of its own)
-        self._use_device(device, seed, tf32=False)
+        # IEEE float32 on CUDA, like every other framework (Keras has no TF32 option of its own); cuDNN autotuned,
+        # as Keras on TensorFlow is by TensorFlow's default
+        self._use_device(device, seed, tf32=False, cudnn_benchmark=True)
         self.keras = _keras()
         self.scope = str(self.device)
         with self.keras.device(self.scope), dtype_policy(precision):

@@ -409,10 +409,11 @@ class OnTorchDevice:
     the device, the running metrics and the optimizer's learning rate. A subclass calls :meth:`_use_device` before
     it builds anything (it seeds torch) and sets ``self.optimizer``."""
 
-    def _use_device(self, device, seed: int, tf32: bool) -> None:
+    def _use_device(self, device, seed: int, tf32: bool, cudnn_benchmark: bool) -> None:
         self.device = resolve_device(device)
         if self.device.type == "cuda":
             set_tf32(tf32)
+            torch.backends.cudnn.benchmark = cudnn_benchmark  # process-wide, as torch keeps it
         if self.device.type == "cpu" and device.threads:
             torch.set_num_threads(device.threads)
         torch.manual_seed(seed)
@@ -466,7 +467,7 @@ class TorchRunner(OnTorchDevice):
         from cnnrun.spec.init import initial_weights
 
         self.model = model
-        self._use_device(device, seed, options.tf32)
+        self._use_device(device, seed, options.tf32, options.cudnn_benchmark)
         self.precision = MixedPrecision(precision, self.device)
         self.net = Network(model)
         self.memory_format = torch.channels_last if options.channels_last else torch.contiguous_format

@@ -186,3 +186,16 @@ def test_gpu_batches_staged_on_another_thread_or_gathered_from_held_images_train
         np.testing.assert_allclose(metrics, expected[0], rtol=0, atol=0, err_msg=name)
         for tensor, value in expected[1].items():
             np.testing.assert_array_equal(trained[tensor], value, err_msg=f"{name}: {tensor}")
+
+
+@pytest.mark.parametrize("autotune", [True, False])
+def test_torch_runner_sets_cudnn_autotuning_as_framework_cudnn_benchmark_says(autotune):
+    import torch
+
+    from cnnrun.backends import TorchOptions
+
+    _require_gpu("torch")
+    spec, input_shape = MODELS["stress"]
+    create_runner("torch", compile_model(spec, input_shape, 10), ADAM, TorchOptions(cudnn_benchmark=autotune),
+                  DeviceConfig(name="cuda"), 0, (0.5,), (0.25,))
+    assert torch.backends.cudnn.benchmark is autotune
