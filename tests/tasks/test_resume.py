@@ -133,6 +133,8 @@ def test_resume_equals_uninterrupted(framework, where, workdir):
     tol = BACKENDS[framework].tolerances.resume
     (client_a, expected), (client_b, resumed) = _run(f"sqlite:///{straight}/m.db"), _run(uri)
     assert resumed.info.status == "FINISHED" and "cnnrun.resumed_from" in resumed.data.tags
+    assert expected.data.tags["cnnrun.batches"] == "host"  # dataset.on_device=auto on a CPU
+    assert resumed.data.tags["cnnrun.batches"] == ("device" if where.endswith("held") else "host")
     for key in PER_EPOCH:  # every epoch logged once, at its step, with the uninterrupted run's value
         a, b = _history(client_a, expected, key), _history(client_b, resumed, key)
         assert [step for step, _ in b] == [step for step, _ in a] == [1, 2, 3], key
