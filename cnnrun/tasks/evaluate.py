@@ -21,9 +21,9 @@ import numpy as np
 from cnnrun import checkpoint as ckpt_io
 from cnnrun.backends import load_backend
 from cnnrun.data import Dataset, split_record
+from cnnrun.data.feed import HostFeed
 from cnnrun.errors import UserError
 from cnnrun.metrics import softmax
-from cnnrun.predictor import batches
 from cnnrun.progress import console
 from cnnrun.spec import CompiledModel, compile_model, fmt_shape
 from cnnrun.tasks.common import ending_run, load_data, report_test, run_tags, write_text
@@ -144,8 +144,9 @@ def _evaluate(ctx, runner, dataset, logger, ckpt: ckpt_io.Checkpoint, path: Path
         f"({len(dataset.test):,} test images) with {cfg.framework.name} {version} on {runner.device_name}; "
         f"run {logger.run_id or '(not tracked)'}"
     )
-    images = dataset.test.images
-    logits = np.concatenate([runner.predict_logits(batch) for batch in batches(images, cfg.trainer.eval_batch_size)])
+    # read (and on a GPU copied there) on the prefetch thread, ahead of each prediction
+    test_batches = HostFeed(runner.stage).inference(dataset.test, cfg.trainer.eval_batch_size)
+    logits = np.concatenate([runner.predict_logits(images) for images, _ in test_batches])
     test = report_test(ctx, runner, dataset, logger, f"{ctx.compiled.name} / {cfg.framework.name} (eval)",
                        logits=logits)
     logger.log_artifact(write_test_predictions(ctx.output_dir / "test_predictions.csv", dataset, softmax(logits)))
