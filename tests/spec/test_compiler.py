@@ -302,13 +302,14 @@ def test_a_padded_average_pool_knows_each_windows_share_of_real_cells():
     where no window reaches padding, and for layers without windows."""
     import numpy as np
 
-    model = compile_layers([{"type": "avgpool", "size": 3, "stride": 1, "padding": 1},  # 4×6 → 4×6
-                            {"type": "avgpool", "size": 2},  # valid: → 2×3
-                            {"type": "avgpool", "size": [2, 3], "padding": "same"},  # same, but no padding: → 1×1
-                            {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 4, 6))
+    model = compile_layers([{"type": "avgpool", "size": [3, 2], "stride": [2, 1], "padding": 1},  # 6×4 → 3×5
+                            {"type": "avgpool", "size": 2},  # valid: → 1×2
+                            {"type": "avgpool", "size": [1, 2], "padding": "same"},  # same, but no padding: → 1×1
+                            {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 6, 4))
     padded, valid, same, _, dense = model.layers
-    rows, columns = [2, 3, 3, 2], [2, 3, 3, 3, 3, 2]  # real cells under each window, per axis
-    np.testing.assert_array_equal(padded.real_cell_scale(), (9 / np.outer(rows, columns)).astype(np.float32))
+    # The windows start at rows -1, 1, 3 of 0-5 and at columns -1 … 3 of 0-3; the real cells under each, per axis:
+    rows, columns = [2, 3, 3], [1, 2, 2, 2, 1]
+    np.testing.assert_array_equal(padded.real_cell_scale(), (6 / np.outer(rows, columns)).astype(np.float32))
     assert padded.real_cell_scale().dtype == np.float32
     assert valid.real_cell_scale() is same.real_cell_scale() is dense.real_cell_scale() is None
 
