@@ -116,9 +116,9 @@ def test_last_units_must_equal_classes():
 def test_residual_that_cannot_be_projected():
     (found,) = problems([{"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 5}]},
                          {"type": "flatten"}, {"type": "dense", "units": 10}])
-    assert found == ("model.layers[0]: (residual) the block maps 1×28×28 to 4×24×24, which a 1×1 stride 1×1 shortcut "
-                     "cannot match (4×28×28); use padding: same in the block, or give the shortcut's layers "
-                     "(shortcut: [...]); shapes so far 1×28×28")
+    assert found == ("model.layers[0]: (residual) the block maps 1×28×28 to 4×24×24, which a 1×1 stride 1×1 "
+                     "shortcut cannot match (4×28×28); use padding: same in the block, or give the shortcut's "
+                     "layers (shortcut: [...]); shapes so far 1×28×28")
 
 
 def test_residual_body_rejects_flatten():
