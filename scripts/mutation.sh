@@ -14,7 +14,8 @@ export PYTHONPATH="$PWD"  # mutmut puts mutants/ ahead of this, so the tests imp
 if [ -z "${PYTHON:-}" ]; then  # the project's venv (scripts/install.sh) if there is one, else the active python
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-MODULES=(cnnrun.layout cnnrun.spec.shapes cnnrun.checkpoint cnnrun.resume cnnrun.spec.compiler cnnrun.trainer)
+MODULES=(cnnrun.layout cnnrun.spec.shapes cnnrun.checkpoint cnnrun.resume cnnrun.spec.compiler cnnrun.trainer
+         cnnrun.data.feed cnnrun.data.pipeline)
 if [ "$#" -gt 0 ]; then MODULES=("$@"); fi
 mkdir -p mutants
 for module in "${MODULES[@]}"; do

@@ -81,6 +81,29 @@ def run_cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, ti
     return subprocess.run(CNNRUN + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_launcher(command: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``command``, a launcher of worker processes (torch's elastic agent), like ``subprocess.run``; a run that is not
+    done in ``timeout`` seconds fails the test with its output so far, and leaves no process behind.
+
+    ``subprocess.run``'s own timeout SIGKILLs the launcher alone, and torch's launcher starts each worker in a session
+    of its own: the workers went on training, on a machine already too busy, after the test had failed. SIGTERM makes
+    the launcher stop its workers and wait for them; SIGKILL follows if it has not exited a minute later."""
+    import pytest
+
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(map(str, command))} was not done after {timeout:.0f} s; it printed:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def mlflow_runs(uri: str, experiment: str = "cnnrun"):
     from mlflow.tracking import MlflowClient
 

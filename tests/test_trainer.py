@@ -18,9 +18,10 @@ import pytest
 from cnnrun.config import AugmentConfig, TrainerConfig
 from cnnrun.data import Dataset, Split
 from cnnrun.data.pipeline import epoch_order
+from cnnrun.distributed.world import World
 from cnnrun.errors import TrainingInterrupted
 from cnnrun.metrics import summarise
-from cnnrun.progress import ProgressView
+from cnnrun.progress import ProgressView, SilentView
 from cnnrun.schedules import LearningRate, validate_schedule
 from cnnrun.tracking import NullLogger
 from cnnrun.trainer import Diverged, StopSignal, Trainer, TrainState, evaluate
@@ -276,6 +277,50 @@ def test_outside_the_main_thread_only_the_time_budget_applies():
     thread.start()
     thread.join()
     assert results == [(True, "trainer.max_time")]  # and no error for the handlers it could not install
+
+
+class ThreadRanks:
+    """The ranks of one world as threads of this process, summing through a barrier: the one collective operation
+    the loop uses (to agree on stopping). The engines' collectives across processes are tests/distributed/'s."""
+
+    def __init__(self, size: int):
+        self._barrier = threading.Barrier(size, timeout=30)  # a rank that never comes breaks it: no hang
+        self._values = [None] * size
+        self.collectives = [SimpleNamespace(world=World(rank, size, rank, size, "threads"),
+                                            all_sum=lambda values, rank=rank: self._all_sum(rank, values))
+                            for rank in range(size)]
+
+    def _all_sum(self, rank, values):
+        self._values[rank] = np.asarray(values, np.float64)
+        self._barrier.wait()
+        total = np.sum(self._values, axis=0)
+        self._barrier.wait()  # every rank has read the sum before the next one is written
+        return total
+
+
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_next_sync_after_the_same_step():
+    """SIGINT during rank 0's step 4: both ranks go on to the sync after step 6 (log_every=3), agree to stop there
+    and save; rank 1, which no signal reached, says why it stopped."""
+    ranks = ThreadRanks(2)
+    cfg = TrainerConfig(epochs=2, patience=None, batch_size=8, eval_batch_size=16, log_every=3, progress=False)
+    saved, stopped = {0: [], 1: []}, {}
+
+    def train(rank, runner):
+        trainer = Trainer(runner, quadrant_dataset(), cfg, NullLogger(), SilentView(),
+                          lambda kind, s: saved[rank].append((kind, s.epoch, s.batch)),
+                          collective=ranks.collectives[rank])
+        try:
+            trainer.fit()
+        except TrainingInterrupted as err:
+            stopped[rank] = (str(err), runner.steps)
+
+    other = threading.Thread(target=train, args=(1, SoftmaxRegression(16, 4)), daemon=True)
+    other.start()
+    train(0, SignalAt(16, 4, at=4))  # in the main thread, where the signal handlers are
+    other.join(60)
+    assert stopped == {0: (f"stopped by SIGINT in epoch 1 after step 6/{STEPS}; state saved", 6),
+                       1: (f"stopped by another rank's stop request in epoch 1 after step 6/{STEPS}; state saved", 6)}
+    assert saved == {0: [("last", 0, 6)], 1: [("last", 0, 6)]}
 
 
 def test_a_time_budget_not_yet_spent_does_not_stop():

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from cnnrun.config import AugmentConfig, DatasetConfig, TrainerConfig
+from cnnrun.data import Dataset, Split
 from cnnrun.data.feed import AUTO_SHARE, HOST, DeviceFeed, HostFeed, choose_feed, images_bytes
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.progress import ProgressView
@@ -38,11 +39,12 @@ def test_held_batches_are_the_host_batches_in_the_same_order(epoch, start_batch,
         assert [len(y) for _, y, _ in got] == [60]
 
 
-def test_held_evaluation_batches_are_the_stored_order():
+@pytest.mark.parametrize("batch_size, sizes", [(6, [6, 6, 6, 2]), (19, [20])])  # 19: a last batch of one joins
+def test_held_evaluation_batches_are_the_stored_order(batch_size, sizes):
     dataset = quadrant_dataset()
-    held = list(DeviceFeed(SoftmaxRegression(16, 4), dataset).inference(dataset.test, 19))
-    host = list(HOST.inference(dataset.test, 19))
-    assert [len(y) for _, y in held] == [len(y) for _, y in host] == [20]  # a last batch of one joins the one before
+    held = list(DeviceFeed(SoftmaxRegression(16, 4), dataset).inference(dataset.test, batch_size))
+    host = list(HOST.inference(dataset.test, batch_size))
+    assert [len(y) for _, y in held] == [len(y) for _, y in host] == sizes
     for (a, la), (b, lb) in zip(held, host):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
@@ -74,12 +76,37 @@ def _fit(runner, feed, state=None, epochs: int = 2):
 
 def test_training_on_a_held_dataset_is_training_on_host_batches():
     on_host, held = SoftmaxRegression(16, 4), SoftmaxRegression(16, 4)
-    _fit(on_host, HOST)
-    _fit(held, DeviceFeed(held, _DATASET))
+    host_history = _fit(on_host, HOST)[-1].history
+    held_history = _fit(held, DeviceFeed(held, _DATASET))[-1].history
     assert held.steps == on_host.steps == 16
     for a, b in zip(held.labels_seen, on_host.labels_seen):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(held.kernel, on_host.kernel)  # same batches, same arithmetic: bit for bit
+    metrics = ("train_loss", "train_acc", "val_loss", "val_acc")
+    assert [[row[k] for k in metrics] for row in held_history] == [[row[k] for k in metrics] for row in host_history]
+
+
+class HoldingRecorder(SoftmaxRegression):
+    """The NumPy runner, noting whether each batch it evaluates is read from an array it holds."""
+
+    def __init__(self):
+        super().__init__(16, 4)
+        self.held, self.evaluated_held = [], []
+
+    def hold(self, array):
+        held = super().hold(array)
+        self.held.append(held)
+        return held
+
+    def predict_logits(self, images):
+        self.evaluated_held.append(any(np.shares_memory(images, held) for held in self.held))
+        return super().predict_logits(images)
+
+
+def test_a_held_run_validates_on_the_held_images_not_the_host_ones():
+    runner = HoldingRecorder()
+    _fit(runner, DeviceFeed(runner, _DATASET))
+    assert len(runner.evaluated_held) == 4 and all(runner.evaluated_held)  # 2 epochs × 2 validation batches
 
 
 def test_a_held_run_resumed_mid_epoch_sees_the_batches_of_the_uninterrupted_run():
@@ -145,6 +172,18 @@ def test_on_device_true_holds_on_a_cpu_and_refuses_a_dataset_larger_than_the_fre
         choose_feed(_dataset_cfg(on_device=True), WithDeviceMemory(size - 1), dataset)
     message = str(err.value)
     assert "dataset.on_device=true" in message and "cuda:0 (a GPU) has" in message and "GiB free" in message
+
+
+def test_the_refusal_says_how_large_the_images_are_and_how_much_memory_is_free():
+    gib = 2**30
+    images = np.broadcast_to(np.zeros((1, 1, 1, 1), np.uint8), (1536, 1024, 1024, 1))  # 1.5 GiB counted, none used
+    empty = Split(np.zeros((0, 1024, 1024, 1), np.uint8), np.zeros(0, np.int64))
+    dataset = Dataset("huge", Split(images, np.zeros(1536, np.int64)), empty, empty, ("a",), "here", (0.0,), (1.0,))
+    assert images_bytes(dataset) == 1.5 * gib
+    with pytest.raises(UserError) as err:
+        choose_feed(_dataset_cfg(on_device=True), WithDeviceMemory(gib), dataset)
+    assert str(err.value) == ("dataset.on_device=true: the images of huge take 1.50 GiB but cuda:0 (a GPU) has 1.00 "
+                              "GiB free; set dataset.on_device=auto (held on the device only when they fit) or false")
 
 
 @pytest.mark.parametrize("settings, says", [

@@ -4,6 +4,9 @@ the loader with the file's name instead of hanging it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +16,7 @@ from PIL import Image
 
 from cnnrun.config import AugmentConfig, TrainerConfig
 from cnnrun.data import Dataset, Split, load_dataset
-from cnnrun.data.pipeline import iterate_batches, prefetched, training_batches
+from cnnrun.data.pipeline import _POLL_S, iterate_batches, prefetched, training_batches
 from cnnrun.data.rows import Rows
 from cnnrun.errors import TrainingInterrupted, UserError
 from cnnrun.progress import ProgressView
@@ -72,11 +75,38 @@ def test_closing_the_consumer_stops_the_producer():
             produced.append(len(produced))
             yield produced[-1]
 
+    before = set(threading.enumerate())
     stream = prefetched(endless(), depth=2)
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()
-    assert not any(t.name == "cnnrun-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert len(produced) <= 3 + 2 + 1  # taken, queued, and the one in hand when it stopped
+
+
+def _spaced(items, seconds: float):
+    """``items``, each after a pause of ``seconds``."""
+    for item in items:
+        time.sleep(seconds)
+        yield item
+
+
+def test_a_producer_slower_than_the_consumers_poll_is_waited_for():
+    items, error = _drain(prefetched(_spaced(range(2), 2.5 * _POLL_S)))
+    assert error is None and items == [0, 1]
+
+
+def test_a_consumer_slower_than_the_producer_gets_every_item_once_the_queue_is_full():
+    items, error = _drain(_spaced(prefetched(iter(range(4)), depth=1), 2 * _POLL_S))
+    assert error is None and items == [0, 1, 2, 3]
+
+
+def test_a_stream_left_open_does_not_keep_the_process_from_exiting():
+    code = ("import itertools\nfrom cnnrun.data.pipeline import prefetched\n"
+            "stream = prefetched(itertools.count())\nnext(stream)\n")  # still open (a global) at exit
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules this process uses
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=LOADER_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _mapped(split: Split, tmp_path, name: str) -> Split:

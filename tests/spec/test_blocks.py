@@ -65,6 +65,12 @@ def test_a_shortcut_that_misses_the_body_shape_names_both_shapes():
         "so their shapes must be equal"]
 
 
+def test_a_shortcut_layer_with_no_output_is_reported_at_its_key_with_the_shortcuts_shapes():
+    assert problems([block(6, 2, shortcut=[conv(6, 2, kernel=1), {"type": "maxpool", "size": 9}]), *HEAD]) == [
+        "model.layers[0].shortcut[1]: (maxpool) output would be 6×0×0 for an input of 6×4×4; shapes so far "
+        "3×8×8 -> 6×4×4"]
+
+
 def test_shortcut_layers_follow_the_residual_body_rules():
     found = problems([block(3, shortcut=[{"type": "flatten"}]), *HEAD])
     assert found[0].startswith("model.layers[0].shortcut[0]: flatten cannot stand inside a residual block")

@@ -116,7 +116,9 @@ def test_last_units_must_equal_classes():
 def test_residual_that_cannot_be_projected():
     (found,) = problems([{"type": "residual", "layers": [{"type": "conv2d", "filters": 4, "kernel": 5}]},
                          {"type": "flatten"}, {"type": "dense", "units": 10}])
-    assert "model.layers[0]" in found and "use padding: same" in found
+    assert found == ("model.layers[0]: (residual) the block maps 1×28×28 to 4×24×24, which a 1×1 stride 1×1 "
+                     "shortcut cannot match (4×28×28); use padding: same in the block, or give the shortcut's "
+                     "layers (shortcut: [...]); shapes so far 1×28×28")
 
 
 def test_residual_body_rejects_flatten():
@@ -293,6 +295,23 @@ def test_pool_padding_inside_a_residual_body_is_refused_too():
 )
 def test_pool_padding_smaller_than_the_window_compiles(pool):
     compile_layers([pool, {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 4, 4))
+
+
+def test_a_padded_average_pool_knows_each_windows_share_of_real_cells():
+    """What every backend multiplies its zero-padded average by (window area / real cells under each window); None
+    where no window reaches padding, and for layers without windows."""
+    import numpy as np
+
+    model = compile_layers([{"type": "avgpool", "size": [3, 2], "stride": [2, 1], "padding": 1},  # 6×4 → 3×5
+                            {"type": "avgpool", "size": 2},  # valid: → 1×2
+                            {"type": "avgpool", "size": [1, 2], "padding": "same"},  # same, but no padding: → 1×1
+                            {"type": "flatten"}, {"type": "dense", "units": 10}], (1, 6, 4))
+    padded, valid, same, _, dense = model.layers
+    # The windows start at rows -1, 1, 3 of 0-5 and at columns -1 … 3 of 0-3; the real cells under each, per axis:
+    rows, columns = [2, 3, 3], [1, 2, 2, 2, 1]
+    np.testing.assert_array_equal(padded.real_cell_scale(), (6 / np.outer(rows, columns)).astype(np.float32))
+    assert padded.real_cell_scale().dtype == np.float32
+    assert valid.real_cell_scale() is same.real_cell_scale() is dense.real_cell_scale() is None
 
 
 def test_empty_window_checks_the_first_and_the_last_window_of_every_pooling_geometry():
