@@ -82,8 +82,9 @@ def run_cli(args: List[str], cwd: Path, env: Optional[Dict[str, str]] = None, ti
 
 
 def run_launcher(command: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """``command``, a launcher of worker processes (torch's elastic agent), like ``subprocess.run``; a run that is not
-    done in ``timeout`` seconds fails the test with its output so far, and leaves no process behind.
+    """``command``, a launcher of worker processes (torch's elastic agent, Open MPI's mpiexec), like
+    ``subprocess.run``; a run that is not done in ``timeout`` seconds fails the test with its output so far, and
+    leaves no process behind.
 
     ``subprocess.run``'s own timeout SIGKILLs the launcher alone, and torch's launcher starts each worker in a session
     of its own: the workers went on training, on a machine already too busy, after the test had failed. SIGTERM makes

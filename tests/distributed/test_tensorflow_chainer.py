@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.distributed.test_processes import RUN, kill_rank_1, stopped_run, terminate_rank_1
-from tests.helpers import ROOT, mlflow_runs
+from tests.helpers import ROOT, mlflow_runs, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ TOLERANCE = {"tensorflow": 1e-5, "keras-tensorflow": 1e-5, "chainer": 1e-5,
 
 def _run(command: List[str], tmp_path: Path, env: Optional[Dict[str, str]] = None) -> None:
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = run_launcher(command, tmp_path, env, timeout=600)  # mpiexec: SIGTERM on timeout, which stops its ranks
     assert done.returncode == 0, done.stderr[-4000:]
 
 
