@@ -124,3 +124,37 @@ def test_unknown_keras_backend_is_a_config_error():
             print(json.dumps({"error": str(err)}))
     """)
     assert "framework.backend" in out["error"]
+
+
+def test_keras_on_torch_trains_on_held_batches_as_on_numpy_batches():
+    """dataset.on_device's path for the Keras-on-torch runner (the resume suite holds data once per other runner
+    class): images and labels held as torch tensors and gathered by an order train and predict bit for bit as
+    the same NumPy batches do."""
+    out, _ = run_python("""
+        import numpy as np
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (24, 6, 6, 1), dtype=np.uint8)
+        labels = rng.integers(0, 3, 24).astype(np.int64)
+        order = rng.permutation(24)
+
+        def train(r, batches):
+            for x, y in batches:
+                r.train_step(x, y)
+            return r.train_metrics(), r.get_weights()
+
+        host, held = runner("keras", backend="torch"), runner("keras", backend="torch")
+        expected = train(host, [(images[order[i:i + 8]], labels[order[i:i + 8]]) for i in range(0, 24, 8)])
+        all_images, all_labels, held_order = held.hold(images), held.hold(labels), held.hold(order)
+        batches = [(held.gather(all_images, held_order[i:i + 8]), held.gather(all_labels, held_order[i:i + 8]))
+                   for i in range(0, 24, 8)]
+        got = train(held, batches)
+        print(json.dumps({
+            "held": type(batches[0][0]).__module__,
+            "metrics": [list(expected[0]), list(got[0])],
+            "weights": all(np.array_equal(expected[1][k], got[1][k]) for k in expected[1]),
+            "logits": bool(np.array_equal(host.predict_logits(images[:5]), held.predict_logits(all_images[:5]))),
+        }))
+    """)
+    assert out["held"] == "torch"
+    assert out["metrics"][0] == out["metrics"][1]
+    assert out["weights"] and out["logits"]
