@@ -27,7 +27,6 @@ from cnnrun.backends.building import (
     write_canonical,
 )
 from cnnrun.backends.devices import gpu_index
-from cnnrun.data.rows import chunks
 from cnnrun.backends.chainer_env import (
     CUDA_EXTRA_HINT,
     cudnn_min_epsilon,
@@ -38,6 +37,7 @@ from cnnrun.backends.chainer_env import (
     import_chainer,
     limit_cpu_threads,
 )
+from cnnrun.data.rows import row_chunks
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -494,10 +494,8 @@ class ChainerRunner:
         at a time (the host never holds a second copy of a large split)."""
         with chainer.using_device(self.device):
             out = self.xp.empty(array.shape, array.dtype)
-            start = 0
-            for chunk in chunks(array):
-                out[start:start + len(chunk)] = self.xp.asarray(chunk)
-                start += len(chunk)
+            for rows, chunk in row_chunks(array):
+                out[rows] = self.xp.asarray(chunk)
         return out
 
     def stage(self, array):

@@ -22,7 +22,7 @@ from cnnrun.backends.building import (
     write_canonical,
 )
 from cnnrun.backends.devices import gpu_index
-from cnnrun.data.rows import chunks
+from cnnrun.data.rows import row_chunks
 from cnnrun.spec import CompiledLayer, CompiledModel
 from cnnrun.spec.layers import ELU_ALPHA, LEAKY_RELU_SLOPE
 
@@ -328,10 +328,8 @@ def hold(array, device: torch.device) -> torch.Tensor:
     """``array`` (an array or a memory-mapped split) copied onto ``device`` once, a bounded chunk at a time, so
     the host never holds a second copy of a large split."""
     out = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, device=device)
-    start = 0
-    for chunk in chunks(array):
-        out[start:start + len(chunk)].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
-        start += len(chunk)
+    for rows, chunk in row_chunks(array):
+        out[rows].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
     return out
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterator, Optional, Protocol, Tuple
 import numpy as np
 
 from cnnrun.data import Dataset, Split
-from cnnrun.data.pipeline import batch_starts, epoch_order, iterate_batches, prefetched, training_batches
+from cnnrun.data.pipeline import batch_bounds, epoch_order, iterate_batches, prefetched, training_batches
 from cnnrun.errors import UserError
 
 # dataset.on_device=auto holds a dataset on a GPU when its images take at most this share of the device's free
@@ -88,17 +88,13 @@ class DeviceFeed:
             raise ValueError("DeviceFeed has no augmentations (they run on host batches)")
         images, labels = self._images_and_labels(split)
         order = self.runner.hold(epoch_order(len(split), seed, epoch))  # one small copy per epoch
-        starts = batch_starts(len(split), batch_size)
-        for i in range(start_batch, len(starts)):
-            stop = starts[i + 1] if i + 1 < len(starts) else len(split)
-            index = order[starts[i]:stop]
+        for start, stop in batch_bounds(len(split), batch_size, start_batch):
+            index = order[start:stop]
             yield self.runner.gather(images, index), self.runner.gather(labels, index), None
 
     def inference(self, split, batch_size):
         images, _ = self._images_and_labels(split)
-        starts = batch_starts(len(split), batch_size)
-        for i, start in enumerate(starts):
-            stop = starts[i + 1] if i + 1 < len(starts) else len(split)
+        for start, stop in batch_bounds(len(split), batch_size):
             yield images[start:stop], split.labels[start:stop]
 
 

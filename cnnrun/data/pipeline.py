@@ -41,6 +41,13 @@ def batch_starts(n: int, batch_size: int) -> range:
     return range(0, stop, batch_size)
 
 
+def batch_bounds(n: int, batch_size: int, start_batch: int = 0) -> Iterator[Tuple[int, int]]:
+    """(start, stop) of each batch of ``n`` samples (cut by :func:`batch_starts`), from batch ``start_batch`` on."""
+    starts = batch_starts(n, batch_size)
+    for i in range(start_batch, len(starts)):
+        yield starts[i], starts[i + 1] if i + 1 < len(starts) else n
+
+
 def num_batches(n: int, batch_size: int) -> int:
     return len(batch_starts(n, batch_size))
 
@@ -58,11 +65,7 @@ def iterate_batches(
     ``augment`` is an AugmentConfig; augmentation needs ``rng`` and is applied per batch, vectorised.
     Batches are cut by :func:`batch_starts` (a last batch of one sample joins the one before).
     """
-    n = len(split)
-    starts = batch_starts(n, batch_size)
-    for i in range(start_batch, len(starts)):
-        start = starts[i]
-        stop = starts[i + 1] if i + 1 < len(starts) else n
+    for start, stop in batch_bounds(len(split), batch_size, start_batch):
         if order is None:
             images = split.images[start:stop]
             labels = split.labels[start:stop]

@@ -11,7 +11,7 @@ large the dataset is. Anything that reads every image (channel statistics, the c
 from __future__ import annotations
 
 import mmap
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -95,11 +95,16 @@ class Rows:
 
 def chunks(images, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """The images about ``max_bytes`` at a time, pages released after each: for passes over a whole split."""
+    return (chunk for _, chunk in row_chunks(images, max_bytes))
+
+
+def row_chunks(images, max_bytes: int = CHUNK_BYTES) -> Iterator[Tuple[slice, np.ndarray]]:
+    """(the rows it holds, chunk) for each chunk of :func:`chunks`: for copying a whole split into place."""
     row_bytes = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize)
     rows = max(1, max_bytes // row_bytes)
     for start in range(0, len(images), rows):
         chunk = np.asarray(images[start : start + rows])
-        yield chunk
+        yield slice(start, start + len(chunk)), chunk
         release(images)
 
 

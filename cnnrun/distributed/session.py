@@ -33,11 +33,9 @@ def parallel_runner(runner, collective, cfg, num_classes: int):
 
 def check_batches(train_size: int, batch_size: int, ranks: int) -> None:
     """Every training batch must give each rank at least one row (a rank with none has no loss to average)."""
-    from cnnrun.data.pipeline import batch_starts
+    from cnnrun.data.pipeline import batch_bounds
 
-    starts = batch_starts(train_size, batch_size)
-    sizes = [b - a for a, b in zip(starts, [*starts[1:], train_size])]
-    smallest = min(sizes, default=0)
+    smallest = min((stop - start for start, stop in batch_bounds(train_size, batch_size)), default=0)
     if smallest < ranks:
         raise UserError(
             f"trainer.batch_size={batch_size} on {ranks} processes: the epoch's smallest batch holds {smallest} of "
