@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate, paired_ratio
+from benchmarks.common import alternate, cnnrun_epoch_fn, paired_ratio
 
 IMAGES, BATCH = 4096, 8
 
@@ -35,35 +35,13 @@ def tiny_dataset():
     return Dataset("tiny", split(IMAGES), split(0), split(16), ("a", "b"), "generated", mean=(127.5,), std=(73.9,))
 
 
-def cnnrun_epoch_fn(dataset, held: bool):
-    """µs per step of one epoch through cnnrun's runner and Trainer (with the constant learning-rate schedule a
-    real run has)."""
-    from cnnrun.backends import TorchOptions, create_runner
-    from cnnrun.config import DeviceConfig, OptimizerConfig, TrainerConfig
-    from cnnrun.data.feed import DeviceFeed, HostFeed
-    from cnnrun.progress import ProgressView
-    from cnnrun.schedules import Constant, LearningRate
-    from cnnrun.spec import compile_model
-    from cnnrun.tracking import NullLogger
-    from cnnrun.trainer import Trainer, TrainState
+def cnnrun_step_fn(dataset, held: bool):
+    """µs per step of one epoch through cnnrun's runner and Trainer (benchmarks.common's real training path)."""
+    from cnnrun.backends import TorchOptions
 
     spec = {"name": "tiny", "layers": [{"type": "flatten"}, {"type": "dense", "units": 2}]}
-    model = compile_model(spec, (1, 4, 4), 2)
-    runner = create_runner("torch", model, OptimizerConfig(name="adam", lr=1e-3), TorchOptions(),
-                           DeviceConfig(name="cpu"), 0, dataset.mean, dataset.std)
-    feed = DeviceFeed(runner, dataset) if held else HostFeed(runner.stage)
-    cfg = TrainerConfig(epochs=1, batch_size=BATCH, patience=None, progress=False)
-    state = TrainState()
-    trainer = Trainer(runner, dataset, cfg, NullLogger(), ProgressView(False, 1), lambda kind, s: None,
-                      learning_rate=LearningRate(Constant(), 1e-3, 10**6), feed=feed)
-
-    def epoch() -> float:
-        trainer.cfg = cfg.model_copy(update={"epochs": state.epoch + 1})
-        started = time.perf_counter()
-        trainer.fit(state)
-        return (time.perf_counter() - started) / (IMAGES // BATCH) * 1e6
-
-    return epoch
+    epochs = cnnrun_epoch_fn("torch", TorchOptions(), dataset, batch_size=BATCH, on_device=held, model=spec)
+    return lambda: BATCH / epochs() * 1e6
 
 
 def reference_epoch_fn(dataset):
@@ -93,8 +71,8 @@ def main() -> None:
     dataset = tiny_dataset()
     variants = {
         "hand-written loop": reference_epoch_fn(dataset),
-        "cnnrun, held (dataset.on_device=true)": cnnrun_epoch_fn(dataset, held=True),
-        "cnnrun, host batches (prefetch thread)": cnnrun_epoch_fn(dataset, held=False),
+        "cnnrun, held (dataset.on_device=true)": cnnrun_step_fn(dataset, held=True),
+        "cnnrun, host batches (prefetch thread)": cnnrun_step_fn(dataset, held=False),
     }
     results = alternate(variants, args.rounds)
     print(f"\nper-step time, 16->2 dense layer, batch {BATCH}, 1 thread, torch {torch.__version__} "

@@ -39,6 +39,7 @@ class CnnrunEpochs:
         from cnnrun.config import DatasetConfig, DeviceConfig, OptimizerConfig, TrainerConfig
         from cnnrun.data.feed import choose_feed
         from cnnrun.progress import ProgressView
+        from cnnrun.schedules import Constant, LearningRate
         from cnnrun.spec import compile_model
         from cnnrun.tracking import NullLogger
         from cnnrun.trainer import Trainer, TrainState
@@ -55,8 +56,10 @@ class CnnrunEpochs:
         dataset_cfg = DatasetConfig(name=dataset.name, num_classes=dataset.num_classes, channels=channels,
                                     image_size=(height, width), on_device=on_device)
         feed = choose_feed(dataset_cfg, self.runner, dataset)
+        # the constant learning-rate schedule a real run has (set only when the rate changes)
+        rate = LearningRate(Constant(), 1e-3, self.cfg.epochs)
         self.trainer = Trainer(self.runner, dataset, self.cfg, NullLogger(), ProgressView(False, 1),
-                               lambda kind, s: None, feed=feed)
+                               lambda kind, s: None, learning_rate=rate, feed=feed)
 
     def __call__(self) -> float:
         self.trainer.cfg = self.cfg.model_copy(update={"epochs": self.state.epoch + 1})
