@@ -103,6 +103,10 @@ class TorchCollective:
         return box[0]
 
     def close(self) -> None:
+        """Leave the process group and stop its gloo worker threads, which happens only once nothing else holds the
+        group: the caller drops its DDP-wrapped runner first. A worker thread that outlives this can release a
+        collective's tensors while the interpreter finalises, and that aborts the process (SIGABRT, "terminate
+        called without an active exception") after a successful run."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -118,6 +122,9 @@ def join(world: World, device) -> TorchCollective:
     if here.type == "cuda":
         torch.cuda.set_device(here)
     backend = "nccl" if here.type == "cuda" else "gloo"
+    # DDP imports torch._dynamo; imported after the group exists, it keeps references to it for good, so that
+    # close() could not stop the group's threads. Imported first, it never sees the group.
+    import torch._dynamo  # noqa: F401
     dist.init_process_group(backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
                             device_id=here if here.type == "cuda" else None)
     return TorchCollective(world, here)

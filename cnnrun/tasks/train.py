@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import traceback
 from typing import Dict
 
 import yaml
@@ -47,8 +48,24 @@ def run(ctx) -> float:
     dataset = load_data(ctx)
     check_objective_is_logged(cfg, validates=len(dataset.val) > 0)
     check_schedule_can_run(ctx.schedule, cfg.dataset, validates=len(dataset.val) > 0)
-    backend = load_backend(cfg.framework.name)
     collective, device = join_world(cfg, len(dataset.train))  # one process: LOCAL and cfg.device
+    try:
+        result = _train_as_rank(ctx, dataset, collective, device)
+    except TrainingInterrupted as stop:
+        # Every rank stopped after the same step; the others wait here until rank 0 has ended the MLflow run, so
+        # that a launcher reacting to the first exit cannot cut rank 0 short.
+        collective.broadcast(None)
+        traceback.clear_frames(stop.__traceback__)  # they hold the runner, which holds the world (close())
+        collective.close()
+        raise
+    collective.close()  # _train_as_rank's runner is gone with its frame: nothing holds the world now
+    return result
+
+
+def _train_as_rank(ctx, dataset, collective, device) -> float:
+    """This process's part of the run: build the runner, train, test; rank 0 tracks and writes."""
+    cfg = ctx.cfg
+    backend = load_backend(cfg.framework.name)
     runner = backend.create_runner(
         ctx.compiled, cfg.optimizer, ctx.framework_options, device, cfg.trainer.seed, dataset.mean, dataset.std,
         label_smoothing=cfg.trainer.label_smoothing, precision=cfg.trainer.precision,
@@ -70,16 +87,8 @@ def run(ctx) -> float:
             "cnnrun.batches": feed.where}
     previous_run = resumed.origin.get("run_id") if resumed is not None else None
     logger = start_run(cfg.tracking, run_name(ctx, runner), tags, resume_run_id=previous_run) if main else NullLogger()
-    try:
-        with ending_run(logger, interrupts=(TrainingInterrupted,)):
-            result = _train(ctx, runner, dataset, feed, logger, version, state, resumed is not None, collective)
-    except TrainingInterrupted:
-        # Every rank stopped after the same step; the others wait here until rank 0 has ended the MLflow run, so
-        # that a launcher reacting to the first exit cannot cut rank 0 short.
-        collective.broadcast(None)
-        raise
-    collective.close()
-    return result
+    with ending_run(logger, interrupts=(TrainingInterrupted,)):
+        return _train(ctx, runner, dataset, feed, logger, version, state, resumed is not None, collective)
 
 
 def _train(ctx, runner, dataset, feed, logger, version: str, state: TrainState, resuming: bool, collective

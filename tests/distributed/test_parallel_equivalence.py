@@ -56,3 +56,10 @@ def test_two_ranks_train_what_one_process_trains(results, case):
     assert len(one[f"{case}/train_loss"]) == 2 and one[f"{case}/train_loss"][1] < one[f"{case}/train_loss"][0]
     for key in keys:
         np.testing.assert_allclose(two[key], one[key], rtol=0, atol=TOLERANCE[case], err_msg=key)
+
+
+def test_leaving_the_world_stops_the_collective_threads(results):
+    # A gloo worker thread still running when the interpreter finalises can release a collective's tensors then,
+    # which aborts the rank (SIGABRT) after a successful run: leaving the world must have stopped them.
+    _, two = results
+    assert int(two["world/threads_left"]) == 0

@@ -8,12 +8,14 @@ what each case computed. For tests/distributed/test_parallel_equivalence.py.
 The path is the production one below the CLI: the engine (ENGINE: torch, the default, tensorflow or chainer) joins
 the world (gloo; TF_CONFIG workers; MPI), wraps the runner (gradients averaged, and synchronised batchnorm where the
 case asks), and :class:`cnnrun.distributed.runner.ShardedRunner` takes each rank's rows of every global batch.
-Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and ``<case>/weights/<tensor>``.
+Output keys: ``<case>/train_loss``, ``<case>/val_loss`` (per epoch) and ``<case>/weights/<tensor>``; and
+``world/threads_left``, the collective's threads still running after the world was left.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -95,9 +97,18 @@ def main(out: str, engine_name: str = "torch") -> None:
         results[f"{case}/val_loss"] = np.array([row["val_loss"] for row in state.history])
         runner.predict_logits(DATASET.val.images[:1])  # every rank holds rank 0's running statistics from here
         results.update({f"{case}/weights/{k}": v for k, v in runner.get_weights().items()})
+    del runner, trainer  # as the train task does: nothing may hold the world when it is left
+    collective.close()
+    results["world/threads_left"] = np.array(len(collective_threads()))
     if world.is_main:
         np.savez(out, **results)
-    collective.close()
+
+
+def collective_threads():
+    """This process's threads that a collective started and left running (gloo's workers, by their Linux names)."""
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return [name for name in names if name.startswith(("pt_gloo", "gloo"))]
 
 
 if __name__ == "__main__":
